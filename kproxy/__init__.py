@@ -1,0 +1,1 @@
+"""kproxy: a Kubernetes-aware API gateway for Python WSGI stacks."""

@@ -1,0 +1,552 @@
+"""INI configuration: every setting declared once, with its parser, default and doc.
+
+The tables below (``GATEWAY``, ``REGISTRY``, ``SERVICE``, ``API``) are the single source
+for parsing, validation, defaults, ``kproxy check`` messages and the README's reference::
+
+    >>> config = load("conf/kproxy.ini")          # raises ConfigError listing every problem
+    >>> config.services["sd-app"].port
+    '80'
+
+A ``ConfigError`` carries one ``Problem`` per mistake, each printed as
+``FILE: [section] key: message``, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .node import Node, parse_nodes, split_host_port
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    section: str | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.section is not None:
+            where += f": [{self.section}]"
+        if self.key is not None:
+            where += f" {self.key}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+# -- value parsers: each takes the raw string and returns a value or raises ValueError --
+
+def _text(value: str) -> str:
+    return value
+
+
+def _boolean(value: str) -> bool:
+    states = configparser.ConfigParser.BOOLEAN_STATES
+    if value.lower() not in states:
+        raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+    return states[value.lower()]
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds <= 86400:
+        raise ValueError(f"{value!r} must be more than 0 and at most 86400 seconds")
+    return seconds
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
+        return int(value)
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in options:
+            raise ValueError(f"{value!r} must be one of: {', '.join(options)}")
+        return value.lower()
+    return parse
+
+
+def _listen(value: str) -> tuple[str, int]:
+    if value.rpartition(":")[2] == "0":  # port 0: let the OS pick (tests, demos)
+        return split_host_port(value[:-1] + "1")[0], 0
+    return split_host_port(value)
+
+
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for word in value.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"{word!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _admin_prefix(value: str) -> str:
+    if not (value.startswith("/") and value.endswith("/")):
+        raise ValueError(f"{value!r} must start and end with '/', as in /-/")
+    return value
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s):// URL")
+    return value.rstrip("/")
+
+
+def _regex(value: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ValueError(f"{value!r} is not a valid regular expression: {e}") from None
+
+
+_HOST_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOST = re.compile(rf"(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def _host(value: str) -> str:
+    host = value.lower().rstrip(".")
+    if host and not _HOST.fullmatch(host):
+        raise ValueError(f"{value!r} is not a host name or *.wildcard (no port, no scheme)")
+    return host
+
+
+def _path_prefix(value: str) -> str:
+    if value and not value.startswith("/"):
+        raise ValueError(f"{value!r} must start with '/'")
+    return value.rstrip("/")
+
+
+def _path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must start with '/'")
+    return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _methods(value: str) -> frozenset[str] | None:
+    words = value.replace(",", " ").split()
+    if words == ["*"]:
+        return None
+    for word in words:
+        if not _TOKEN.fullmatch(word):
+            raise ValueError(f"{word!r} is not an HTTP method")
+    methods = {w.upper() for w in words}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return frozenset(methods)
+
+
+_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _port(value: str) -> str:
+    if value.isdigit():
+        if not 0 < int(value) < 65536:
+            raise ValueError(f"{value!r} must be 1-65535 or a port name")
+    elif not (len(value) <= 63 and _PORT_NAME.fullmatch(value)):
+        raise ValueError(f"{value!r} is neither a port number nor a port name")
+    return value
+
+
+def _nodes(value: str) -> tuple[Node, ...]:
+    return parse_nodes(value)
+
+
+def _label_selector(value: str) -> str:
+    if value.count("(") != value.count(")"):
+        raise ValueError(f"{value!r} is not a label selector (unbalanced parentheses)")
+    return value
+
+
+# -- the settings --
+
+GATEWAY = (
+    Setting("listen", _listen, ("127.0.0.1", 9080), "host:port that ``kproxy serve`` listens on."),
+    Setting("admin_prefix", _admin_prefix, "/-/",
+            "Path under which healthz, readyz, metrics and discovery are served."),
+    Setting("admin_allow", _networks, _networks("127.0.0.0/8 ::1"),
+            "Client networks that may read metrics and the discovery dump."),
+    Setting("connect_timeout", _seconds, 3.0, "Seconds to connect to an upstream node."),
+    Setting("read_timeout", _seconds, 60.0,
+            "Seconds to wait for an upstream's response headers, and between body reads."),
+    Setting("threads", _count(1, 1024), 8,
+            "Request threads of ``kproxy serve`` and of each gunicorn worker; also the size of "
+            "each upstream connection pool."),
+    Setting("workers", _count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py)."),
+    Setting("keepalive_timeout", _seconds, 5.0,
+            "Seconds an idle client keep-alive connection is kept open."),
+    Setting("node_cooldown", _seconds, 10.0,
+            "Seconds a node that refused a connection or timed out is skipped."),
+    Setting("access_log", _boolean, True, "Log one line per request to stdout."),
+    Setting("access_log_format", _choice("text", "json"), "text", "``text`` or ``json`` lines."),
+)
+
+REGISTRY = (
+    Setting("type", _choice("kubernetes"), REQUIRED, "Registry type; ``kubernetes``."),
+    Setting("api_server", _url, None,
+            "API server URL. Empty: in-cluster configuration (or ``kubeconfig``)."),
+    Setting("token", _text, None, "Bearer token. Prefer ``token_file``."),
+    Setting("token_file", _text, None,
+            "File holding the bearer token; re-read on every reconnect and after a 401."),
+    Setting("ca_file", _text, None, "CA bundle that verifies the API server's certificate."),
+    Setting("insecure_skip_tls_verify", _boolean, False, "Do not verify the API server's TLS certificate."),
+    Setting("kubeconfig", _text, None, "A kubeconfig file, instead of ``api_server``/token/CA."),
+    Setting("context", _text, None, "Context to use from ``kubeconfig``."),
+    Setting("namespace_pattern", _regex, None,
+            "Regex a namespace's WHOLE name must match to be watched. A plain name watches "
+            "only that namespace. Empty: all namespaces."),
+    Setting("label_selector", _label_selector, None, "Kubernetes label selector, applied by the server."),
+    Setting("resource", _choice("endpointslices", "endpoints"), "endpointslices",
+            "Watch EndpointSlices (falls back to Endpoints where not served) or Endpoints."),
+    Setting("enabled", _boolean, True, "false: every upstream using this registry answers 503."),
+)
+
+SERVICE = (
+    Setting("host", _host, "", "Exact host or ``*.example.org`` (one label). Empty: any host."),
+    Setting("path_prefix", _path_prefix, "", "Path prefix of every api of the service, e.g. /v1."),
+    Setting("nodes", _nodes, None, "Static upstream: ``host:port [weight=N] ...``."),
+    Setting("registry", _text, None, "Discovery upstream: the ``[registry:NAME]`` to use ..."),
+    Setting("namespace", _text, None, "... the Kubernetes namespace ..."),
+    Setting("service_name", _text, None, "... the Kubernetes Service name ..."),
+    Setting("port", _port, None, "... and the Service port (spec.ports[].port) or its name."),
+    Setting("scheme", _choice("http", "https"), "http", "Scheme used to reach the nodes."),
+    Setting("ca_file", _text, None, "CA bundle that verifies https nodes (default: system CAs)."),
+    Setting("insecure_skip_tls_verify", _boolean, False, "Do not verify https nodes."),
+    Setting("pass_host", _choice("pass", "node", "rewrite"), "pass",
+            "Host header sent upstream: the client's (pass), the node's address (node), "
+            "or ``upstream_host`` (rewrite)."),
+    Setting("upstream_host", _text, None, "Host header for ``pass_host = rewrite``."),
+    Setting("retries", _count(0, 100), None,
+            "How many other nodes to try after a failure. Default: number of nodes - 1."),
+)
+
+API = (
+    Setting("service", _text, REQUIRED, "The ``[service:NAME]`` this api belongs to."),
+    Setting("path", _path, REQUIRED, "Path after the service's path_prefix, e.g. /anything."),
+    Setting("match", _choice("prefix", "exact"), "prefix",
+            "``prefix`` matches whole path segments below ``path``; ``exact`` only ``path``."),
+    Setting("strip_prefix", _boolean, False, "Remove the service's path_prefix before forwarding."),
+    Setting("methods", _methods, None, "``*`` or a list such as ``GET POST`` (GET allows HEAD)."),
+)
+
+
+# -- the typed result --
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: tuple[str, int]
+    admin_prefix: str
+    admin_allow: tuple[Any, ...]
+    connect_timeout: float
+    read_timeout: float
+    threads: int
+    workers: int
+    keepalive_timeout: float
+    node_cooldown: float
+    access_log: bool
+    access_log_format: str
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    name: str
+    type: str
+    api_server: str | None
+    token: str | None = field(repr=False)
+    token_file: str | None
+    ca_file: str | None
+    insecure_skip_tls_verify: bool
+    kubeconfig: str | None
+    context: str | None
+    namespace_pattern: re.Pattern[str] | None
+    label_selector: str | None
+    resource: str
+    enabled: bool
+
+    @property
+    def single_namespace(self) -> str | None:
+        """The one namespace to watch when ``namespace_pattern`` is a plain name."""
+        pattern = self.namespace_pattern
+        if pattern is not None and _PORT_NAME.fullmatch(pattern.pattern):
+            return pattern.pattern
+        return None
+
+    def watches_namespace(self, namespace: str) -> bool:
+        return self.namespace_pattern is None or bool(self.namespace_pattern.fullmatch(namespace))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    host: str
+    path_prefix: str
+    nodes: tuple[Node, ...] | None
+    registry: str | None
+    namespace: str | None
+    service_name: str | None
+    port: str | None
+    scheme: str
+    ca_file: str | None
+    insecure_skip_tls_verify: bool
+    pass_host: str
+    upstream_host: str | None
+    retries: int | None
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    name: str
+    service: str
+    path: str
+    match: str
+    strip_prefix: bool
+    methods: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    gateway: GatewayConfig
+    registries: dict[str, RegistryConfig]
+    services: dict[str, ServiceConfig]
+    apis: dict[str, ApiConfig]
+    warnings: tuple[Problem, ...] = ()
+
+
+_SECTIONS = {"registry": (REGISTRY, RegistryConfig), "service": (SERVICE, ServiceConfig),
+             "api": (API, ApiConfig)}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate an INI file; raise ConfigError with every problem found."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([Problem(path, None, None, f"cannot read: {e}")]) from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Validate INI text; ``path`` only names the file in problems."""
+    problems: list[Problem] = []
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"),
+                                       default_section="\0none", empty_lines_in_values=False)
+    parser.optionxform = str  # keys are case-sensitive: "Listen" is a typo, say so
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError([Problem(path, e.section, None, f"duplicate section (line {e.lineno})")]) from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError([Problem(path, e.section, e.option, f"set twice (line {e.lineno})")]) from None
+    except configparser.Error as e:
+        message = getattr(e, "message", str(e)).splitlines()[0]
+        raise ConfigError([Problem(path, None, None, f"not an INI file: {message}")]) from None
+
+    gateway = None
+    sections: dict[str, dict[str, Any]] = {"registry": {}, "service": {}, "api": {}}
+    for section in parser.sections():
+        values = dict(parser.items(section))
+        if section == "kproxy":
+            gateway = GatewayConfig(**_read_section(path, section, values, GATEWAY, problems))
+            continue
+        kind, sep, name = section.partition(":")
+        if not sep or kind not in _SECTIONS:
+            problems.append(Problem(path, section, None, "unknown section; expected [kproxy], "
+                                    "[registry:NAME], [service:NAME] or [api:NAME]"))
+            continue
+        if not _NAME.fullmatch(name):
+            problems.append(Problem(path, section, None, f"{name!r} is not a valid name "
+                                    "(letters, digits, '-', '_', '.')"))
+            continue
+        settings, _ = _SECTIONS[kind]
+        sections[kind][name] = _read_section(path, section, values, settings, problems)
+    if gateway is None:
+        gateway = GatewayConfig(**_read_section(path, "kproxy", {}, GATEWAY, problems))
+
+    registries = {n: RegistryConfig(name=n, **v) for n, v in sections["registry"].items()}
+    services = {n: ServiceConfig(name=n, **v) for n, v in sections["service"].items()}
+    apis = {n: ApiConfig(name=n, **v) for n, v in sections["api"].items()}
+    warnings: list[Problem] = []
+    _check_registries(path, registries, problems, warnings)
+    _check_services(path, services, registries, problems, warnings)
+    _check_apis(path, apis, services, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(path, gateway, registries, services, apis, tuple(warnings))
+
+
+def _read_section(path: str, section: str, values: dict[str, str], settings: tuple[Setting, ...],
+                  problems: list[Problem]) -> dict[str, Any]:
+    known = {s.key: s for s in settings}
+    for key in values.keys() - known.keys():
+        hint = difflib.get_close_matches(key, known, n=1)
+        problems.append(Problem(path, section, key, "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")))
+    result: dict[str, Any] = {}
+    for setting in settings:
+        raw = values.get(setting.key, "").strip()
+        if not raw:
+            if setting.default is REQUIRED:
+                problems.append(Problem(path, section, setting.key, "required"))
+                result[setting.key] = None
+            else:
+                result[setting.key] = setting.default
+            continue
+        try:
+            result[setting.key] = setting.parse(raw)
+        except ValueError as e:
+            problems.append(Problem(path, section, setting.key, str(e)))
+            result[setting.key] = None if setting.default is REQUIRED else setting.default
+    return result
+
+
+def _missing_file_warning(path: str, section: str, key: str, value: str | None,
+                          warnings: list[Problem]) -> None:
+    if value and not os.path.exists(value):
+        warnings.append(Problem(path, section, key, f"warning: {value} does not exist here "
+                                "(fine if it exists where kproxy runs, e.g. inside a pod)"))
+
+
+def _check_registries(path: str, registries: dict[str, RegistryConfig], problems: list[Problem],
+                      warnings: list[Problem]) -> None:
+    for r in registries.values():
+        section = f"registry:{r.name}"
+        if r.token and r.token_file:
+            problems.append(Problem(path, section, "token", "set token or token_file, not both"))
+        if r.ca_file and r.insecure_skip_tls_verify:
+            problems.append(Problem(path, section, "insecure_skip_tls_verify",
+                                    "set ca_file or insecure_skip_tls_verify, not both"))
+        if r.kubeconfig and (r.api_server or r.token or r.token_file):
+            problems.append(Problem(path, section, "kubeconfig",
+                                    "kubeconfig replaces api_server, token and token_file; drop them"))
+        if r.context and not r.kubeconfig:
+            problems.append(Problem(path, section, "context", "context needs kubeconfig"))
+        if r.api_server and not (r.token or r.token_file):
+            warnings.append(Problem(path, section, "token", "warning: no token or token_file; "
+                                    "requests to the API server will be anonymous"))
+        for key in ("token_file", "ca_file", "kubeconfig"):
+            _missing_file_warning(path, section, key, getattr(r, key), warnings)
+
+
+def _check_services(path: str, services: dict[str, ServiceConfig], registries: dict[str, RegistryConfig],
+                    problems: list[Problem], warnings: list[Problem]) -> None:
+    discovery_keys = ("namespace", "service_name", "port")
+    for s in services.values():
+        section = f"service:{s.name}"
+        if s.nodes and s.registry:
+            problems.append(Problem(path, section, "nodes", "set nodes (static) or registry "
+                                    "(discovery), not both"))
+        elif s.registry:
+            if s.registry not in registries:
+                problems.append(Problem(path, section, "registry", f"no [registry:{s.registry}] section"))
+            for key in discovery_keys:
+                if not getattr(s, key):
+                    problems.append(Problem(path, section, key, "required with registry"))
+            registry = registries.get(s.registry)
+            if registry and s.namespace and not registry.watches_namespace(s.namespace):
+                problems.append(Problem(path, section, "namespace", f"{s.namespace!r} does not match "
+                                        f"namespace_pattern of [registry:{s.registry}]"))
+        elif not s.nodes:
+            problems.append(Problem(path, section, "nodes", "required: set nodes, or registry with "
+                                    "namespace, service_name and port"))
+        else:
+            for key in discovery_keys:
+                if getattr(s, key):
+                    problems.append(Problem(path, section, key, "only used with registry"))
+        if s.pass_host == "rewrite" and not s.upstream_host:
+            problems.append(Problem(path, section, "upstream_host", "required with pass_host = rewrite"))
+        if s.ca_file and s.insecure_skip_tls_verify:
+            problems.append(Problem(path, section, "insecure_skip_tls_verify",
+                                    "set ca_file or insecure_skip_tls_verify, not both"))
+        _missing_file_warning(path, section, "ca_file", s.ca_file, warnings)
+
+
+def _check_apis(path: str, apis: dict[str, ApiConfig], services: dict[str, ServiceConfig],
+                problems: list[Problem]) -> None:
+    seen: dict[tuple[str, str, str], list[ApiConfig]] = {}
+    for a in apis.values():
+        section = f"api:{a.name}"
+        service = services.get(a.service) if a.service else None
+        if a.service and service is None:
+            problems.append(Problem(path, section, "service", f"no [service:{a.service}] section"))
+        if service is None or a.path is None:
+            continue
+        route = (service.host, service.path_prefix + a.path, a.match)
+        for other in seen.setdefault(route, []):
+            if a.methods is None or other.methods is None or a.methods & other.methods:
+                problems.append(Problem(path, section, "path", f"same route as [api:{other.name}] "
+                                        f"(host {route[0] or '*'}, path {route[1]}, {a.match} match, "
+                                        "overlapping methods)"))
+        seen[route].append(a)
+
+
+def reference() -> str:
+    """The configuration reference as reStructuredText, from the tables above."""
+    out = []
+    for title, settings in (("[kproxy]", GATEWAY), ("[registry:NAME]", REGISTRY),
+                            ("[service:NAME]", SERVICE), ("[api:NAME]", API)):
+        out += [title, "~" * len(title), "", ".. list-table::", "   :header-rows: 1", "",
+                "   * - key", "     - default", "     - meaning"]
+        for s in settings:
+            default = "(required)" if s.default is REQUIRED else _show_default(s)
+            out += [f"   * - ``{s.key}``", f"     - {default}", f"     - {s.doc}"]
+        out.append("")
+    return "\n".join(out)
+
+
+def _show_default(setting: Setting) -> str:
+    value = setting.default
+    if value is None or value == "":
+        return "(empty)"
+    if setting.key == "listen":
+        return "``127.0.0.1:9080``"
+    if setting.key == "admin_allow":
+        return "``127.0.0.0/8 ::1``"
+    if isinstance(value, bool):
+        return f"``{str(value).lower()}``"
+    if isinstance(value, float) and value.is_integer():
+        return f"``{int(value)}``"
+    return f"``{value}``"
+
+
+def _declared_fields_match() -> bool:  # used by the tests: tables and dataclasses agree
+    pairs = ((GATEWAY, GatewayConfig, set()), (REGISTRY, RegistryConfig, {"name"}),
+             (SERVICE, ServiceConfig, {"name"}), (API, ApiConfig, {"name"}))
+    return all({s.key for s in table} | extra == {f.name for f in fields(cls)} for table, cls, extra in pairs)
