@@ -1,0 +1,79 @@
+"""Admin endpoints under ``admin_prefix`` (default ``/-/``).
+
+=============  ==========================================================  ===============
+path           answer                                                      who may read it
+=============  ==========================================================  ===============
+``healthz``    200 while the process serves                                anyone (probes)
+``readyz``     200 once every enabled registry has listed, else 503        anyone (probes)
+``metrics``    Prometheus text exposition                                  ``admin_allow``
+``discovery``  JSON: every registry's state and endpoints, no secrets      ``admin_allow``
+=============  ==========================================================  ===============
+
+The client is ``REMOTE_ADDR``, the peer of the TCP connection: never a forwarded
+header, which any client can write.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import TYPE_CHECKING
+
+from . import metrics
+
+if TYPE_CHECKING:
+    from .app import Exchange, Gateway
+
+Answer = tuple[int, bytes, str]
+JSON = "application/json"
+
+
+class Admin:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.allow = gateway.config.gateway.admin_allow
+
+    def handle(self, environ: dict, name: str, exchange: Exchange) -> Answer | None:
+        """The answer for admin path ``name``, or None if it is not an admin path."""
+        exchange.service = exchange.api = "-admin"
+        if name == "healthz":
+            return 200, b'{"status": "ok"}\n', JSON
+        if name == "readyz":
+            ready = self.gateway.ready
+            body = {"status": "ready" if ready else "not ready",
+                    "registries": {n: getattr(r, "ready", False) for n, r in self.gateway.registries.items()}}
+            return (200 if ready else 503), _json(body), JSON
+        if name not in ("metrics", "discovery"):
+            exchange.service = exchange.api = "-"
+            return None
+        if not self._allowed(environ.get("REMOTE_ADDR", "")):
+            return 403, _json({"error": "forbidden", "message": f"{name} is served to admin_allow only"}), JSON
+        if name == "metrics":
+            body, content_type = metrics.exposition(self.gateway)
+            return 200, body, content_type
+        return 200, _json(self.discovery()), JSON
+
+    def _allowed(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allow)
+
+    def discovery(self) -> dict:
+        gateway = self.gateway
+        out = {}
+        for name, registry_config in gateway.config.registries.items():
+            registry = gateway.registries.get(name)
+            if registry is not None:
+                out[name] = registry.dump()
+            else:
+                out[name] = {"enabled": registry_config.enabled,
+                             "state": "disabled" if not registry_config.enabled else "not started"}
+        return {"registries": out}
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n"

@@ -1,0 +1,192 @@
+"""Forwarding: send one request to one node and stream the answer back.
+
+The transport is the urllib3 pool manager behind a ``requests`` ``HTTPAdapter``: one
+pool per node, shared by every thread, sized to the thread count. Requests' Session
+machinery (environment merging, cookies, hooks, redirects) is for interactive use and
+would cost a third of the throughput here, so it is not on the path::
+
+    transport = Transport(pool_size=8, connect_timeout=3, read_timeout=60)
+    response = transport.send(node, "GET", "/anything?x=1", headers, body=None)
+    for chunk in stream(response): ...
+
+Header rules (RFC 9110 §7.6.1): hop-by-hop headers and every header named in
+``Connection`` are dropped in both directions (``request_headers``, ``response_headers``).
+Content encodings pass through untouched, redirects are returned, not followed.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Iterable, Iterator
+
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
+                                ReadTimeoutError, SSLError)
+from urllib3.util import SKIP_HEADER
+
+from .node import Node
+
+HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "te", "trailer",
+                        "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
+NO_BODY_STATUSES = frozenset({204, 304})
+CHUNK_SIZE = 64 * 1024
+
+
+class ConnectFailed(Exception):
+    """The request never reached the node: safe to retry elsewhere, whatever the method."""
+
+    def __init__(self, node: Node, timed_out: bool, reason: str):
+        self.node, self.timed_out, self.reason = node, timed_out, reason
+        super().__init__(f"{node.address}: {reason}")
+
+
+class ExchangeFailed(Exception):
+    """The request may have reached the node; ``timed_out`` when it did not answer in time."""
+
+    def __init__(self, node: Node, timed_out: bool, reason: str):
+        self.node, self.timed_out, self.reason = node, timed_out, reason
+        super().__init__(f"{node.address}: {reason}")
+
+
+class TLSPolicy:
+    """How https nodes are verified: a CA bundle, the system CAs, or not at all."""
+
+    def __init__(self, ca_file: str | None = None, verify: bool = True):
+        if not verify:
+            self.pool_kwargs = {"cert_reqs": "CERT_NONE", "assert_hostname": False}
+        elif ca_file:
+            self.pool_kwargs = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_file}
+        else:
+            self.pool_kwargs = {"cert_reqs": "CERT_REQUIRED"}
+
+
+class Transport:
+    """One pooled connection manager for every node; thread-safe."""
+
+    def __init__(self, pool_size: int = 8, connect_timeout: float = 3.0, read_timeout: float = 60.0,
+                 max_nodes: int = 1024):
+        # pool_block=False: a burst beyond pool_size opens extra connections rather than
+        # queueing requests behind a lock; only pool_size are kept for reuse.
+        self._adapter = HTTPAdapter(pool_connections=max_nodes, pool_maxsize=pool_size,
+                                    max_retries=0, pool_block=False)
+        self._pools = self._adapter.poolmanager
+        self.timeout = self.timeouts(connect_timeout, read_timeout)
+
+    @staticmethod
+    def timeouts(connect: float, read: float) -> urllib3.Timeout:
+        return urllib3.Timeout(connect=connect, read=read)
+
+    def send(self, node: Node, method: str, target: str, headers: dict[str, str],
+             body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
+             scheme: str = "http", tls: TLSPolicy | None = None) -> urllib3.BaseHTTPResponse:
+        """Send a request; the response's body is left unread for ``stream``.
+
+        Raises ConnectFailed when nothing was sent, ExchangeFailed afterwards."""
+        pool = self._pools.connection_from_host(node.host, node.port, scheme,
+                                                pool_kwargs=tls.pool_kwargs if tls else None)
+        try:
+            return pool.urlopen(method, target, body=body, headers=headers, retries=False,
+                                redirect=False, assert_same_host=False, timeout=self.timeout,
+                                preload_content=False, decode_content=False, chunked=chunked,
+                                release_conn=False)
+        except NewConnectionError as e:
+            raise ConnectFailed(node, False, _reason(e)) from None
+        except ConnectTimeoutError:
+            raise ConnectFailed(node, True, "connect timed out") from None
+        except ReadTimeoutError:
+            raise ExchangeFailed(node, True, "read timed out") from None
+        except SSLError as e:
+            raise ConnectFailed(node, False, f"TLS: {_reason(e)}") from None
+        except (ProtocolError, HTTPError, OSError) as e:
+            raise ExchangeFailed(node, False, _reason(e)) from None
+
+    def close(self) -> None:
+        self._adapter.close()
+
+
+def _reason(error: BaseException) -> str:
+    # urllib3 nests the OS error; its text ends with the useful part ("Connection refused")
+    text = str(error.args[-1] if error.args else error)
+    return text.rpartition(": ")[2] or type(error).__name__
+
+
+def request_headers(environ: dict, host: str | None) -> dict[str, str]:
+    """Upstream request headers from a WSGI environ: end-to-end headers only, ``Host`` as
+    given (None: the client's). X-Forwarded-* are added by the caller."""
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").title()] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        headers["Content-Length"] = environ["CONTENT_LENGTH"]
+    connection = headers.pop("Connection", "")
+    for token in connection.split(","):
+        headers.pop(token.strip().title(), None)
+    for name in ("Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+                 "Proxy-Authorization", "Expect"):
+        headers.pop(name, None)
+    if host is not None:
+        headers["Host"] = host
+    # urllib3 would add its own User-Agent and Accept-Encoding: send only what the client sent
+    headers.setdefault("User-Agent", SKIP_HEADER)
+    headers.setdefault("Accept-Encoding", SKIP_HEADER)
+    return headers
+
+
+def response_headers(response: urllib3.BaseHTTPResponse) -> list[tuple[str, str]]:
+    """End-to-end response headers, repeated ones (Set-Cookie) kept one per line."""
+    raw = response.headers
+    dropped = set(HOP_BY_HOP)
+    for value in raw.getlist("Connection"):
+        dropped.update(t.strip().lower() for t in value.split(","))
+    return [(name, value) for name, value in raw.iteritems() if name.lower() not in dropped]
+
+
+def stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The response body as it arrives, still encoded. Raises ExchangeFailed if the
+    upstream breaks off mid-body, so the server aborts the client connection instead of
+    ending a truncated body as if it were complete."""
+    try:
+        yield from response.stream(CHUNK_SIZE, decode_content=False)
+    except (ProtocolError, HTTPError, OSError) as e:
+        raise BrokenBody(_reason(e)) from None
+
+
+class BrokenBody(Exception):
+    """The upstream broke off mid-body."""
+
+
+class BodyReader:
+    """A request body as a file-like object that never reads past its length, and that
+    fails loudly if the client goes away early (so the upstream is not left waiting)."""
+
+    def __init__(self, stream: IO[bytes], length: int | None):
+        self._stream = stream
+        self._remaining = length  # None: chunked, read to EOF
+
+    def read(self, size: int = -1) -> bytes:
+        if self._remaining is not None and self._remaining <= 0:
+            return b""
+        want = CHUNK_SIZE if size < 0 else size
+        if self._remaining is not None:
+            want = min(want, self._remaining)
+        try:
+            data = self._stream.read(want)
+        except Exception as e:  # each server has its own error for a client gone mid-body
+            raise ClientDisconnected(f"client went away mid-body: {e}") from None
+        if self._remaining is None:
+            return data
+        if not data:
+            raise ClientDisconnected(f"client sent {self._remaining} bytes less than its Content-Length")
+        self._remaining -= len(data)
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK_SIZE):
+            yield chunk
+
+
+class ClientDisconnected(Exception):
+    pass

@@ -1,0 +1,118 @@
+"""Routing: (Host, path, method) -> the api that serves it, on a Werkzeug ``Map``.
+
+::
+
+    router = Router()
+    router.add("sd.httpbin.org", "/v1/anything", "prefix", None, target="anything")
+    router.match("sd.httpbin.org:9080", "/v1/anything/x", "GET")   # -> "anything"
+
+Rules of the contract, and how the ``Map`` gives them:
+
+- host: exact, ``*.example.org`` (exactly one label, as Kubernetes Ingress wildcards), or
+  empty for any host. Werkzeug's state-machine matcher tries static parts before
+  converters, so an exact host is preferred to a wildcard, and a wildcard to "any".
+- prefix match on whole segments: ``/p`` becomes the rules ``/p`` and ``/p/<rest>``, so
+  ``/pq`` never matches. Static segments are tried first, so the longest path wins.
+- exact beats prefix at equal length: exact rules are added first, and Werkzeug keeps the
+  insertion order of rules with equal weight.
+- methods: a path match whose methods exclude the request's keeps looking; if nothing
+  else matches, MethodNotAllowed lists the union of the allowed methods.
+
+Lookup walks a trie of path segments, so its cost does not grow with the number of routes
+(``bench/route_lookup.py`` measures it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from werkzeug.exceptions import MethodNotAllowed as _WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import BaseConverter, Map, Rule
+
+
+class NoRoute(LookupError):
+    pass
+
+
+class MethodNotAllowed(LookupError):
+    def __init__(self, allowed: Iterable[str]):
+        self.allowed = sorted(allowed)
+        super().__init__(", ".join(self.allowed))
+
+
+class _Rest(BaseConverter):
+    """The rest of a path below a prefix, empty included (``/p/`` matches ``/p/<rest>``)."""
+    regex = ".*"
+    part_isolating = False
+
+
+class _Label(BaseConverter):
+    """One DNS label: the ``*`` of ``*.example.org``."""
+    regex = "[a-z0-9-]+"
+
+
+_ANY_HOST = "<kproxy_any_host>"
+_NO_HOST = "-"  # what an absent Host header is matched as: only "any host" routes take it
+
+
+class Router:
+    def __init__(self) -> None:
+        self._map = Map(host_matching=True, strict_slashes=False, merge_slashes=False,
+                        converters={"rest": _Rest, "label": _Label})
+        self._pending: list[tuple[int, Rule]] = []
+        self._count = 0
+
+    def add(self, host: str, path: str, match: str, methods: Iterable[str] | None, target: Any) -> None:
+        """Route ``host`` + ``path`` (``match`` = "prefix" or "exact") to ``target``.
+
+        ``methods`` None allows every method."""
+        if host.startswith("*."):
+            host_rule = "<label:kproxy_label>" + host[1:]
+        else:
+            host_rule = host or _ANY_HOST
+        path = path or "/"
+        paths = [path]
+        if match == "prefix":
+            paths.append(path.rstrip("/") + "/<rest:kproxy_rest>")
+        methods = None if methods is None else list(methods)
+        # exact rules go first so that they win ties with prefix rules of the same path
+        order = 0 if match == "exact" else 1
+        for p in paths:
+            rule = Rule(p, host=host_rule, endpoint=target, methods=methods, websocket=False)
+            self._pending.append((order, rule))
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _build(self) -> None:
+        self._pending.sort(key=lambda pair: pair[0])
+        for _, rule in self._pending:
+            self._map.add(rule)
+        self._pending.clear()
+
+    def match(self, host: str | None, path: str, method: str) -> Any:
+        """The target for a request. ``host`` may carry a port. Raises NoRoute or
+        MethodNotAllowed."""
+        if self._pending:
+            self._build()
+        adapter = self._map.bind(normalize_host(host) or _NO_HOST, path_info=path)
+        try:
+            target, _ = adapter.match(path, method=method)
+        except NotFound:
+            raise NoRoute(path) from None
+        except _WerkzeugMethodNotAllowed as e:
+            raise MethodNotAllowed(e.valid_methods or ()) from None
+        return target
+
+
+def normalize_host(host: str | None) -> str:
+    """Lower-case host without port or trailing dot; ``[::1]:80`` -> ``[::1]``."""
+    if not host:
+        return ""
+    host = host.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.partition(":")[0].rstrip(".")

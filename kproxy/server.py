@@ -1,0 +1,203 @@
+"""Serving on gunicorn: ``kproxy serve`` and the hooks of ``conf/gunicorn.conf.py``.
+
+``kproxy serve -c FILE`` runs gunicorn's ``gthread`` worker in-process: a bounded pool
+of ``threads`` request threads per worker, HTTP/1.1 keep-alive with idle connections
+parked in a poller (not holding a thread), ``workers`` processes. The production
+deployment (``KPROXY_CONFIG=FILE gunicorn -c conf/gunicorn.conf.py kproxy.wsgi:application``)
+is the same server with the same hooks, so both behave alike:
+
+- ``on_starting``: a fresh ``PROMETHEUS_MULTIPROC_DIR`` so metrics add up over workers;
+- ``post_worker_init``: discovery threads start in each worker, after fork (never in
+  the master), and the worker waits briefly for the first list before it accepts;
+- ``when_ready``: SIGHUP reloads the INI in place: the master checks the file and, if it
+  is valid, tells each worker to swap routes; registries whose settings did not change
+  keep their cache and watch, requests in flight finish. A file that fails ``kproxy
+  check`` is refused with its problems logged, and the running config stays;
+- ``child_exit``: a dead worker's live gauges are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Any
+
+from . import config as configmod
+
+log = logging.getLogger("kproxy")
+
+READY_WAIT = 5.0  # seconds a new worker waits for its registries' first list
+
+
+def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None = None) -> dict[str, Any]:
+    """gunicorn settings that follow from a kproxy config."""
+    host, port = listen or config.gateway.listen
+    gateway = config.gateway
+    return {
+        "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
+        "worker_class": "gthread",
+        "workers": gateway.workers,
+        "threads": gateway.threads,
+        "keepalive": max(1, round(gateway.keepalive_timeout)),
+        # the read timeout bounds a request; the worker's heartbeat runs apart from it
+        "timeout": 30,
+        "graceful_timeout": 30,
+        "proc_name": "kproxy",
+        "accesslog": None,  # kproxy's own access log has the upstream fields
+        # the scheme is the one the client connected with: a client-sent X-Forwarded-Proto
+        # must not turn into wsgi.url_scheme (and so into what kproxy forwards)
+        "forwarded_allow_ips": "",
+        "secure_scheme_headers": {},
+        "control_socket_disable": True,
+    }
+
+
+def prepare_metrics_dir() -> None:
+    """Give gunicorn workers a shared, empty metrics directory. Must run before
+    prometheus_client is imported: it picks its storage at import time."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="kproxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    else:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):  # files of a previous run would add to our counters
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+
+
+def configure_logging() -> None:
+    """kproxy's logs to stderr, the access log to stdout (a no-op if the app already
+    configured these loggers)."""
+    import sys
+    formatter = logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    main = logging.getLogger("kproxy")
+    if not main.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(formatter)
+        main.addHandler(handler)
+        main.setLevel(logging.INFO)
+    access = logging.getLogger("kproxy.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+
+
+# -- gunicorn hooks (also imported by conf/gunicorn.conf.py) --
+
+def on_starting(server: Any) -> None:
+    prepare_metrics_dir()
+    configure_logging()
+
+
+def when_ready(server: Any) -> None:
+    # gunicorn's own HUP starts new workers, which would list every registry again;
+    # reload in place instead (see module docstring)
+    server.reload = lambda: _reload_workers(server)
+
+
+def post_worker_init(worker: Any) -> None:
+    gateway = _gateway(worker.wsgi)
+    if gateway is None:
+        return
+    gateway.start()
+    deadline = time.monotonic() + READY_WAIT
+    while not gateway.ready and time.monotonic() < deadline:
+        time.sleep(0.02)
+    path = gateway.config.path
+
+    def reload_in_place(signum: int, frame: Any) -> None:
+        # the signal handler runs in the worker's main loop: do the work elsewhere
+        threading.Thread(target=_reload_gateway, args=(gateway, path), name="kproxy-reload",
+                         daemon=True).start()
+    signal.signal(signal.SIGHUP, reload_in_place)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(path).startswith("kproxy-metrics-"):  # only the one we made
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _gateway(app: Any) -> Any:
+    from .app import Gateway, KProxyMiddleware
+    if isinstance(app, KProxyMiddleware):
+        return app.gateway
+    return app if isinstance(app, Gateway) else None
+
+
+def _config_path(server: Any) -> str | None:
+    app = server.app
+    return getattr(app, "config_path", None) or os.environ.get("KPROXY_CONFIG")
+
+
+def _reload_workers(server: Any) -> None:
+    path = _config_path(server)
+    if not path:
+        server.log.error("reload: no config path (KPROXY_CONFIG) to reload")
+        return
+    try:
+        configmod.load(path)
+    except configmod.ConfigError as e:
+        for problem in e.problems:
+            server.log.error("reload refused: %s", problem)
+        server.log.error("reload refused: %s is invalid; the running config stays", path)
+        return
+    server.log.info("reload: %s is valid; reloading %d workers in place", path, len(server.WORKERS))
+    for pid in list(server.WORKERS):
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+
+
+def _reload_gateway(gateway: Any, path: str) -> None:
+    try:
+        config = configmod.load(path)
+    except configmod.ConfigError as e:
+        for problem in e.problems:
+            log.error("reload refused: %s", problem)
+        return
+    try:
+        gateway.reload(config)
+    except Exception:
+        log.exception("reload of %s failed; the running config stays", path)
+
+
+def serve(config_path: str, listen: tuple[str, int] | None = None) -> None:
+    """Run ``kproxy serve``: gunicorn with the settings above and the hooks of this module."""
+    prepare_metrics_dir()  # before prometheus_client is imported (by kproxy.app)
+    config = configmod.load(config_path)
+    from gunicorn.app.base import BaseApplication
+
+    class ServeApplication(BaseApplication):
+        def __init__(self) -> None:
+            self.config_path = config_path
+            super().__init__()
+
+        def load_config(self) -> None:
+            settings = gunicorn_settings(config, listen)
+            settings.update(on_starting=on_starting, when_ready=when_ready, post_worker_init=post_worker_init,
+                            child_exit=child_exit, on_exit=on_exit)
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from .app import Gateway
+            return Gateway(configmod.load(config_path))
+
+    ServeApplication().run()
