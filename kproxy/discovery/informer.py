@@ -11,7 +11,8 @@ list's resourceVersion, bookmarks, 410 Gone, backoff), nothing of what the objec
     informer.stop()       # closes the open response, so the thread ends promptly
 
 ``transform(obj)`` trims an object to what the consumer needs, or returns None to drop it;
-``on_change(changes, relisted)`` gets the store's ``(key, old, new)`` triples after every write.
+``on_change(changes, relisted)`` gets the store's ``(key, old, new)`` triples after every write;
+``on_error(exception)`` hears of every failure (before the backoff wait).
 ``path()`` is called before each LIST, so the consumer may pick the resource lazily (it may
 raise; that counts as a failure and is retried with backoff).
 """
@@ -76,12 +77,14 @@ class Informer:
                  on_change: Callable[[list[Change], bool], None], *,
                  params: Mapping[str, str] | None = None,
                  transform: Callable[[Object], Object | None] | None = None,
+                 on_error: Callable[[Exception], None] | None = None,
                  timing: Timing = Timing(), thread_name: str | None = None):
         self.name = name
         self.store = store
         self._transport = transport
         self._path_fn = path
         self._on_change = on_change
+        self._on_error = on_error
         self._params = {k: v for k, v in (params or {}).items() if v}
         self._transform = transform or (lambda obj: obj)
         self._timing = timing
@@ -205,6 +208,11 @@ class Informer:
         else:
             log.debug("%s: %s (failure %d)", self.name, message, self._failures)
         self.last_error, self.last_error_at = message, time.time()
+        if self._on_error is not None:
+            try:
+                self._on_error(error)
+            except Exception:
+                log.exception("%s: error handler failed", self.name)
         t = self._timing
         delay = min(t.backoff_cap, t.backoff_initial * 2 ** min(self._failures - 1, 16))
         self.state = "backoff"
@@ -316,6 +324,7 @@ class Informer:
                 return self._skip("bookmark without resourceVersion", line)
             self.store.bookmark(resource_version)
             self.bookmarks += 1
+            self._expired_streak = 0
             return
         if event_type not in ("ADDED", "MODIFIED", "DELETED"):
             return self._skip(f"unknown event type {event_type!r}", line)
