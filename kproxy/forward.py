@@ -16,6 +16,7 @@ Content encodings pass through untouched, redirects are returned, not followed.
 
 from __future__ import annotations
 
+from http.client import HTTPException
 from typing import IO, Iterable, Iterator
 
 import urllib3
@@ -84,21 +85,28 @@ class Transport:
         Raises ConnectFailed when nothing was sent, ExchangeFailed afterwards."""
         pool = self._pools.connection_from_host(node.host, node.port, scheme,
                                                 pool_kwargs=tls.pool_kwargs if tls else None)
+        # Below urlopen: it re-encodes the request-target (upper-cases %2f, encodes every
+        # '%' once one is invalid), and a gateway must send the client's bytes as they came.
+        # _get_conn/_make_request/_put_conn are the steps urlopen itself takes.
+        conn = pool._get_conn()
         try:
-            return pool.urlopen(method, target, body=body, headers=headers, retries=False,
-                                redirect=False, assert_same_host=False, timeout=self.timeout,
-                                preload_content=False, decode_content=False, chunked=chunked,
-                                release_conn=False)
-        except NewConnectionError as e:
-            raise ConnectFailed(node, False, _reason(e)) from None
-        except ConnectTimeoutError:
-            raise ConnectFailed(node, True, "connect timed out") from None
-        except ReadTimeoutError:
-            raise ExchangeFailed(node, True, "read timed out") from None
-        except SSLError as e:
-            raise ConnectFailed(node, False, f"TLS: {_reason(e)}") from None
-        except (ProtocolError, HTTPError, OSError) as e:
-            raise ExchangeFailed(node, False, _reason(e)) from None
+            return pool._make_request(conn, method, target, body=body, headers=headers, retries=None,
+                                      timeout=self.timeout, chunked=chunked, response_conn=conn,
+                                      preload_content=False, decode_content=False)
+        except BaseException as e:
+            conn.close()
+            pool._put_conn(conn)
+            if isinstance(e, NewConnectionError):
+                raise ConnectFailed(node, False, _reason(e)) from None
+            if isinstance(e, ConnectTimeoutError):
+                raise ConnectFailed(node, True, "connect timed out") from None
+            if isinstance(e, ReadTimeoutError):
+                raise ExchangeFailed(node, True, "read timed out") from None
+            if isinstance(e, SSLError):
+                raise ConnectFailed(node, False, f"TLS: {_reason(e)}") from None
+            if isinstance(e, (HTTPException, HTTPError, OSError)):
+                raise ExchangeFailed(node, False, _reason(e) or type(e).__name__) from None
+            raise
 
     def close(self) -> None:
         self._adapter.close()

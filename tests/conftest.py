@@ -1,0 +1,266 @@
+"""Shared test parts: real upstream servers on 127.0.0.1, and the gateway run the three
+ways the contract names (``kproxy serve``, gunicorn, the middleware), each as a real
+process that every test stops."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+from werkzeug.wsgi import get_input_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    return free_port()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def session() -> requests.Session:
+    """A client that talks to loopback only: no proxies or CA bundles from the environment."""
+    s = requests.Session()
+    s.trust_env = False
+    return s
+
+
+def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes exactly as given (no client normalising anything) and read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+# -- upstreams --
+
+class UpstreamServer:
+    """A real HTTP server on 127.0.0.1 running a WSGI app in threads."""
+
+    def __init__(self, app: Callable):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.address = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class EchoApp:
+    """An upstream that tells what it received, plus a few special paths:
+
+    ``/status/N``, ``/sleep/S``, ``/redirect``, ``/cookies``, ``/gzip``, ``/stream/MiB``
+    (MiB in 64 KiB chunks), ``/slowstream`` (endless, slow; records when it was abandoned)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.abandoned = threading.Event()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        parts = path.strip("/").split("/")
+        head = parts[-2] if len(parts) >= 2 else ""
+        if head == "status":
+            code = int(parts[-1])
+            start_response(f"{code} Status", [("Content-Length", "0")] if code not in (204, 304) else [])
+            return []
+        if head == "sleep":
+            time.sleep(float(parts[-1]))
+        if parts[-1] == "redirect":
+            start_response("302 Found", [("Location", "/elsewhere"), ("Content-Length", "0")])
+            return []
+        if parts[-1] == "cookies":
+            start_response("200 OK", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/"),
+                                      ("Content-Length", "0")])
+            return []
+        if parts[-1] == "gzip":
+            body = gzip.compress(b"compressed " * 100)
+            start_response("200 OK", [("Content-Encoding", "gzip"), ("Content-Type", "text/plain"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        if head == "stream":
+            mib = int(parts[-1])
+            start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                      ("Content-Length", str(mib << 20))])
+            return (b"x" * 65536 for _ in range(mib * 16))
+        if parts[-1] == "slowstream":
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return self._slow()
+        body = get_input_stream(environ).read()  # bounded by Content-Length, or to the last chunk
+        answer = {
+            "node": self.name,
+            "method": environ["REQUEST_METHOD"],
+            "raw_uri": environ.get("RAW_URI"),
+            "headers": {k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")},
+            "content_length": environ.get("CONTENT_LENGTH"),
+            "body_length": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+        data = json.dumps(answer).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def _slow(self):
+        try:
+            for _ in range(600):
+                yield b"y" * 1024
+                time.sleep(0.05)
+        finally:
+            self.abandoned.set()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterable[Callable[..., UpstreamServer]]:
+    """Start real upstream servers: ``upstream(app)``; all stopped at the end."""
+    servers: list[UpstreamServer] = []
+
+    def start(app: Callable) -> UpstreamServer:
+        server = UpstreamServer(app)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def httpbin_server(upstream) -> UpstreamServer:
+    """The seed's backend: the real ``httpbin`` package."""
+    import httpbin
+    return upstream(httpbin.app)
+
+
+# -- the gateway as a process --
+
+class GatewayProcess:
+    """kproxy started one of three ways, as the contract names them."""
+
+    KINDS = ("serve", "gunicorn", "middleware")
+
+    def __init__(self, kind: str, config_path: Path, port: int, env: dict | None = None):
+        self.kind, self.config_path, self.port = kind, config_path, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_dir = config_path.parent
+        self.env = {**os.environ, "KPROXY_CONFIG": str(config_path), **(env or {})}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        bind = f"127.0.0.1:{self.port}"
+        if self.kind == "serve":
+            return [sys.executable, "-m", "kproxy.cli", "serve", "-c", str(self.config_path), "--listen", bind]
+        if self.kind == "gunicorn":
+            return [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "conf" / "gunicorn.conf.py"), "-b", bind,
+                    "kproxy.wsgi:application"]
+        # an app that knows nothing of kproxy's hooks: plain gunicorn, the middleware in front
+        return [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8", "-b", bind,
+                "--no-control-socket", "tests.apps.mounted:app"]
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.stdout = open(self.log_dir / f"{self.kind}.stdout", "wb")
+        self.stderr = open(self.log_dir / f"{self.kind}.stderr", "wb")
+        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=self.stdout,
+                                        stderr=self.stderr, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.kind} exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if session().get(self.url + "/-/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"{self.kind} did not start:\n{self.logs()}")
+
+    def pids(self) -> list[int]:
+        """The process and its children (gunicorn workers)."""
+        assert self.process is not None
+        pids = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rpartition(")")[2].split()[1]) == self.process.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+    def logs(self) -> str:
+        out = []
+        for name in ("stdout", "stderr"):
+            path = self.log_dir / f"{self.kind}.{name}"
+            if path.exists():
+                out.append(f"--- {name}\n" + path.read_text(errors="replace")[-5000:])
+        return "\n".join(out)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        finally:
+            self.stdout.close()
+            self.stderr.close()
+
+
+@pytest.fixture
+def gateway_process(tmp_path) -> Iterable[Callable[..., GatewayProcess]]:
+    """``gateway_process(kind, ini_text)``: a started gateway, stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def start(kind: str, ini: str, env: dict | None = None) -> GatewayProcess:
+        path = tmp_path / f"{kind}-{len(started)}.ini"
+        path.write_text(ini)
+        process = GatewayProcess(kind, path, free_port(), env)
+        started.append(process)
+        return process.start()
+    yield start
+    for process in started:
+        process.stop()
