@@ -470,6 +470,8 @@ def _check_services(path: str, services: dict[str, ServiceConfig], registries: d
     discovery_keys = ("namespace", "service_name", "port")
     for s in services.values():
         section = f"service:{s.name}"
+        # keys whose value was already reported as invalid: do not also call them missing
+        invalid = {p.key for p in problems if p.section == section}
         if s.nodes and s.registry:
             problems.append(Problem(path, section, "nodes", "set nodes (static) or registry "
                                     "(discovery), not both"))
@@ -477,15 +479,16 @@ def _check_services(path: str, services: dict[str, ServiceConfig], registries: d
             if s.registry not in registries:
                 problems.append(Problem(path, section, "registry", f"no [registry:{s.registry}] section"))
             for key in discovery_keys:
-                if not getattr(s, key):
+                if not getattr(s, key) and key not in invalid:
                     problems.append(Problem(path, section, key, "required with registry"))
             registry = registries.get(s.registry)
             if registry and s.namespace and not registry.watches_namespace(s.namespace):
                 problems.append(Problem(path, section, "namespace", f"{s.namespace!r} does not match "
                                         f"namespace_pattern of [registry:{s.registry}]"))
         elif not s.nodes:
-            problems.append(Problem(path, section, "nodes", "required: set nodes, or registry with "
-                                    "namespace, service_name and port"))
+            if "nodes" not in invalid:
+                problems.append(Problem(path, section, "nodes", "required: set nodes, or registry "
+                                        "with namespace, service_name and port"))
         else:
             for key in discovery_keys:
                 if getattr(s, key):
@@ -550,3 +553,7 @@ def _declared_fields_match() -> bool:  # used by the tests: tables and dataclass
     pairs = ((GATEWAY, GatewayConfig, set()), (REGISTRY, RegistryConfig, {"name"}),
              (SERVICE, ServiceConfig, {"name"}), (API, ApiConfig, {"name"}))
     return all({s.key for s in table} | extra == {f.name for f in fields(cls)} for table, cls, extra in pairs)
+
+
+if __name__ == "__main__":  # python -m kproxy.config: the reference section of README.rst
+    print(reference())
