@@ -79,7 +79,11 @@ class Router:
         # exact rules go first so that they win ties with prefix rules of the same path
         order = 0 if match == "exact" else 1
         for p in paths:
-            rule = Rule(p, host=host_rule, endpoint=target, methods=methods, websocket=False)
+            # an exact /p must not also take /p/ (the Map is lenient about trailing slashes);
+            # a rule ending in / stays lenient, or Werkzeug would answer /p with a redirect
+            strict = match == "exact" and not p.endswith("/")
+            rule = Rule(p, host=host_rule, endpoint=target, methods=methods, websocket=False,
+                        strict_slashes=strict)
             self._pending.append((order, rule))
         self._count += 1
 
