@@ -17,10 +17,12 @@ except ConfigError as _e:  # never half-start: refuse here, in the master, with 
     print(_e, file=sys.stderr)
     sys.exit(1)
 os.environ.setdefault("KPROXY_CONFIG", _config.path)
+_kproxy.remember(_config)
 
 globals().update(_kproxy.gunicorn_settings(_config))
 on_starting = _kproxy.on_starting
 when_ready = _kproxy.when_ready
+post_fork = _kproxy.post_fork
 post_worker_init = _kproxy.post_worker_init
 child_exit = _kproxy.child_exit
 on_exit = _kproxy.on_exit

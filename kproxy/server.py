@@ -9,6 +9,7 @@ is the same server with the same hooks, so both behave alike:
 - ``on_starting``: a fresh ``PROMETHEUS_MULTIPROC_DIR`` so metrics add up over workers;
 - ``post_worker_init``: discovery threads start in each worker, after fork (never in
   the master), and the worker waits briefly for the first list before it accepts;
+  ``post_fork`` holds HUPs back until then;
 - ``when_ready``: SIGHUP reloads the INI in place: the master checks the file and, if it
   is valid, tells each worker to swap routes; registries whose settings did not change
   keep their cache and watch, requests in flight finish. A file that fails ``kproxy
@@ -32,6 +33,22 @@ from . import config as configmod
 log = logging.getLogger("kproxy")
 
 READY_WAIT = 5.0  # seconds a new worker waits for its registries' first list
+
+# The last valid config, kept by the master and inherited by every worker it forks: a
+# worker that starts after a bad file was written (a crash, max_requests) still boots
+# with the config that is running, instead of failing on the file.
+_current: configmod.Config | None = None
+
+
+def remember(config: configmod.Config) -> None:
+    global _current
+    _current = config
+
+
+def worker_app() -> Any:
+    """The WSGI app for a gunicorn worker: a Gateway on the running config."""
+    from .app import Gateway
+    return Gateway(_current or configmod.load(os.environ["KPROXY_CONFIG"]))
 
 
 def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None = None) -> dict[str, Any]:
@@ -104,9 +121,16 @@ def when_ready(server: Any) -> None:
     server.reload = lambda: _reload_workers(server)
 
 
+def post_fork(server: Any, worker: Any) -> None:
+    # A new worker would die of a HUP (gunicorn resets it to the default action) until
+    # post_worker_init installs the reload handler: hold HUPs back until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
 def post_worker_init(worker: Any) -> None:
     gateway = _gateway(worker.wsgi)
     if gateway is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return
     gateway.start()
     deadline = time.monotonic() + READY_WAIT
@@ -119,6 +143,8 @@ def post_worker_init(worker: Any) -> None:
         threading.Thread(target=_reload_gateway, args=(gateway, path), name="kproxy-reload",
                          daemon=True).start()
     signal.signal(signal.SIGHUP, reload_in_place)
+    signal.siginterrupt(signal.SIGHUP, False)  # let requests in flight run undisturbed
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a HUP held back runs now
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -151,7 +177,7 @@ def _reload_workers(server: Any) -> None:
         server.log.error("reload: no config path (KPROXY_CONFIG) to reload")
         return
     try:
-        configmod.load(path)
+        remember(configmod.load(path))
     except configmod.ConfigError as e:
         for problem in e.problems:
             server.log.error("reload refused: %s", problem)
@@ -182,6 +208,8 @@ def serve(config_path: str, listen: tuple[str, int] | None = None) -> None:
     """Run ``kproxy serve``: gunicorn with the settings above and the hooks of this module."""
     prepare_metrics_dir()  # before prometheus_client is imported (by kproxy.app)
     config = configmod.load(config_path)
+    remember(config)
+    os.environ["KPROXY_CONFIG"] = config_path
     from gunicorn.app.base import BaseApplication
 
     class ServeApplication(BaseApplication):
@@ -191,13 +219,12 @@ def serve(config_path: str, listen: tuple[str, int] | None = None) -> None:
 
         def load_config(self) -> None:
             settings = gunicorn_settings(config, listen)
-            settings.update(on_starting=on_starting, when_ready=when_ready, post_worker_init=post_worker_init,
-                            child_exit=child_exit, on_exit=on_exit)
+            settings.update(on_starting=on_starting, when_ready=when_ready, post_fork=post_fork,
+                            post_worker_init=post_worker_init, child_exit=child_exit, on_exit=on_exit)
             for key, value in settings.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            from .app import Gateway
-            return Gateway(configmod.load(config_path))
+            return worker_app()
 
     ServeApplication().run()

@@ -1,12 +1,10 @@
 """The gunicorn entry point: ``KPROXY_CONFIG=FILE gunicorn -c conf/gunicorn.conf.py kproxy.wsgi:application``.
 
-The config is loaded when a worker imports this module; discovery starts in the
-``post_worker_init`` hook of ``conf/gunicorn.conf.py`` (kproxy.server), after fork.
+The config is the one the gunicorn master validated last (``conf/gunicorn.conf.py``), or
+``$KPROXY_CONFIG`` read here under another server. Discovery starts in the
+``post_worker_init`` hook (kproxy.server), after fork.
 """
 
-import os
+from .server import worker_app
 
-from .app import Gateway
-from .config import load
-
-application = Gateway(load(os.environ["KPROXY_CONFIG"]))
+application = worker_app()
