@@ -144,14 +144,16 @@ def _host(value: str) -> str:
 
 
 def _path_prefix(value: str) -> str:
-    if value and not value.startswith("/"):
-        raise ValueError(f"{value!r} must start with '/'")
+    if value:
+        _path(value)
     return value.rstrip("/")
 
 
 def _path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"{value!r} must start with '/'")
+    if any(c in value for c in "<>?# ") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{value!r} may not contain '<', '>', '?', '#', spaces or control characters")
     return value
 
 
@@ -368,17 +370,19 @@ def parse(text: str, path: str = "<string>") -> Config:
     """Validate INI text; ``path`` only names the file in problems."""
     problems: list[Problem] = []
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"),
-                                       default_section="\0none", empty_lines_in_values=False)
+                                       default_section="\0none", empty_lines_in_values=False, strict=False)
     parser.optionxform = str  # keys are case-sensitive: "Listen" is a typo, say so
+    problems += _duplicates(text, path)  # strict=False reads on past them, so report them here
     try:
         parser.read_string(text, source=path)
-    except configparser.DuplicateSectionError as e:
-        raise ConfigError([Problem(path, e.section, None, f"duplicate section (line {e.lineno})")]) from None
-    except configparser.DuplicateOptionError as e:
-        raise ConfigError([Problem(path, e.section, e.option, f"set twice (line {e.lineno})")]) from None
-    except configparser.Error as e:
-        message = getattr(e, "message", str(e)).splitlines()[0]
-        raise ConfigError([Problem(path, None, None, f"not an INI file: {message}")]) from None
+    except configparser.MissingSectionHeaderError as e:
+        problems.append(Problem(path, None, None, f"line {e.lineno}: {e.line.strip()!r} is outside any "
+                                "[section]; not an INI file?"))
+        raise ConfigError(problems) from None
+    except configparser.ParsingError as e:
+        for lineno, line in e.errors:  # configparser gives each line as its repr()
+            problems.append(Problem(path, None, None, f"line {lineno}: cannot parse {line.strip()} "
+                                    "(expected key = value)"))
 
     gateway = None
     sections: dict[str, dict[str, Any]] = {"registry": {}, "service": {}, "api": {}}
@@ -411,6 +415,33 @@ def parse(text: str, path: str = "<string>") -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(path, gateway, registries, services, apis, tuple(warnings))
+
+
+_SECTION_LINE = re.compile(r"\[(?P<name>.+)\]")
+
+
+def _duplicates(text: str, path: str) -> list[Problem]:
+    """Sections and keys given twice (configparser would keep the last one silently)."""
+    problems = []
+    section = None
+    first_line: dict[tuple[str, str | None], int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[0].isspace():  # blank, comment, continuation
+            continue
+        match = _SECTION_LINE.match(stripped)
+        if match:
+            section, key = match["name"], None
+        elif section is None:
+            continue
+        else:
+            key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip()
+        if (section, key) in first_line:
+            what = "section given twice" if key is None else "set twice"
+            problems.append(Problem(path, section, key, f"{what} (lines {first_line[section, key]} and {lineno})"))
+        else:
+            first_line[section, key] = lineno
+    return problems
 
 
 def _read_section(path: str, section: str, values: dict[str, str], settings: tuple[Setting, ...],

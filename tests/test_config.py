@@ -398,22 +398,29 @@ def test_section_with_an_invalid_name(tmp_path):
 
 def test_duplicate_section(tmp_path):
     path, line = only_problem(tmp_path, "[kproxy]\nthreads = 2\n\n[kproxy]\nworkers = 2\n")
-    assert line == f"{path}: [kproxy]: duplicate section (line 4)"
+    assert line == f"{path}: [kproxy]: section given twice (lines 1 and 4)"
 
 
 def test_duplicate_key(tmp_path):
     path, line = only_problem(tmp_path, "[kproxy]\nthreads = 2\nthreads = 4\n")
-    assert line == f"{path}: [kproxy] threads: set twice (line 3)"
+    assert line == f"{path}: [kproxy] threads: set twice (lines 2 and 3)"
+
+
+def test_duplicates_do_not_hide_other_problems(tmp_path):
+    lines = problem_lines(write(tmp_path, "[kproxy]\nthreads = 2\nthreads = 4\nlisten = nowhere\n"))
+    assert len(lines) == 2
+    assert any("[kproxy] threads: set twice" in line for line in lines)
+    assert any("[kproxy] listen:" in line for line in lines)
 
 
 def test_not_an_ini_file(tmp_path):
     path, line = only_problem(tmp_path, "listen: 127.0.0.1:9080\nservices:\n  - name: s\n")
-    assert line.startswith(f"{path}: not an INI file: ")
+    assert line == f"{path}: line 1: 'listen: 127.0.0.1:9080' is outside any [section]; not an INI file?"
 
 
 def test_not_an_ini_file_when_a_line_is_not_key_value(tmp_path):
     path, line = only_problem(tmp_path, "[kproxy]\nthis is not a setting\n")
-    assert line.startswith(f"{path}: not an INI file: ")
+    assert line == f"{path}: line 2: cannot parse 'this is not a setting\\n' (expected key = value)"
 
 
 def test_missing_file_is_reported_as_unreadable(tmp_path):
@@ -682,3 +689,8 @@ def test_routes_exits_1_on_an_invalid_config(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"{path}: [api:a] service: no [service:s] section" in captured.err
     assert captured.out == ""
+
+
+def test_path_may_not_carry_routing_syntax(tmp_path):
+    path, line = only_problem(tmp_path, "[service:s]\nnodes = 127.0.0.1:80\n[api:a]\nservice = s\npath = /x/<id>\n")
+    assert line.startswith(f"{path}: [api:a] path: '/x/<id>' may not contain '<'")
