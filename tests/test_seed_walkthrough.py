@@ -9,6 +9,7 @@ and resolves ``port = 80`` against the endpoint ports.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from .conftest import ROOT, GatewayProcess, free_port, session, wait_until
+from .conftest import ROOT, GatewayProcess, free_port, raw_http, session, wait_until
 
 SEED_RBAC = [
     {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -82,12 +83,18 @@ def test_seed_walkthrough_under_gunicorn(kube, httpbin_pod, tmp_path):
         wait_until(lambda: session().get(gateway.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
 
         # Send Request: curl http://127.0.0.1:9080/v1/anything -H 'Host: sd.httpbin.org' -i
-        response = session().get(gateway.url + "/v1/anything", timeout=10,
-                                 headers={"Host": "sd.httpbin.org", "User-Agent": "curl/7.76.1", "Accept": "*/*"})
-        assert response.status_code == 200, response.text
-        assert response.headers["Content-Type"] == "application/json"
-        assert response.headers["X-Kproxy-Upstream-Status"] == "200"
-        body = response.json()
+        # (curl's request as it goes on the wire; Connection: close only ends the exchange)
+        answer = raw_http(gateway.port, b"GET /v1/anything HTTP/1.1\r\nHost: sd.httpbin.org\r\n"
+                          b"User-Agent: curl/7.76.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        status, *header_lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in header_lines)
+        assert status == "HTTP/1.1 200 OK", answer[:300]
+        assert headers["Content-Type"] == "application/json"
+        assert headers["X-Kproxy-Upstream-Status"] == "200"
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        assert int(headers["Content-Length"]) == len(payload)
+        body = json.loads(payload)
         assert body["url"] == "http://sd.httpbin.org/anything"
         assert body["method"] == "GET"
         assert body["headers"] == {"Accept": "*/*", "Host": "sd.httpbin.org", "User-Agent": "curl/7.76.1",
