@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     routes = commands.add_parser("routes", help="print the route table")
     routes.add_argument("-c", "--config", required=True, metavar="FILE")
+    endpoints = commands.add_parser("endpoints", help="list every registry once and print what each "
+                                    "service resolves to (checks RBAC and selectors before deploying)")
+    endpoints.add_argument("-c", "--config", required=True, metavar="FILE")
+    endpoints.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
+                           help="how long to wait for the first list [15]")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "routes":
         _print_routes(config)
         return 0
+    if args.command == "endpoints":
+        return _print_endpoints(config, args.timeout)
     if args.command == "serve":
         from .server import serve as run
         run(args.config, args.listen)
@@ -74,6 +81,52 @@ def _print_routes(config: configmod.Config) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def _print_endpoints(config: configmod.Config, timeout: float) -> int:
+    import json
+    import logging
+    import time
+
+    from .discovery import create_registry
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    registries = {name: create_registry(rc) for name, rc in config.registries.items() if rc.enabled}
+    for registry in registries.values():
+        registry.start()
+    deadline = time.monotonic() + timeout
+    while not all(r.ready for r in registries.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    failed = False
+    try:
+        for name, rc in config.registries.items():
+            registry = registries.get(name)
+            if registry is None:
+                print(f"[registry:{name}] disabled: its services answer 503")
+                continue
+            dump = registry.dump()
+            state = "listed" if registry.ready else f"NOT LISTED within {timeout:g} s"
+            print(f"[registry:{name}] {state}; state {dump.get('state')}")
+            for key in ("last_error", "warnings"):
+                if dump.get(key):
+                    print(f"  {key}: {json.dumps(dump[key])}")
+            failed |= not registry.ready
+        for service in config.services.values():
+            if service.registry is None:
+                continue
+            where = f"{service.namespace}/{service.service_name} port {service.port}"
+            registry = registries.get(service.registry)
+            nodes = registry.nodes(service.namespace, service.service_name, service.port) if registry else None
+            if nodes is None:
+                shown = "unknown service (503)" if registry else "registry disabled (503)"
+            elif not nodes:
+                shown = "no ready endpoints (503)"
+            else:
+                shown = " ".join(n.address for n in nodes)
+            print(f"[service:{service.name}] {where} -> {shown}")
+    finally:
+        for registry in registries.values():
+            registry.stop()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
