@@ -250,7 +250,10 @@ def _fetch_source(workdir: pathlib.Path, log: Log, logfile: pathlib.Path) -> pat
         raise TestEnvError(f"expected one orig tarball in {src}, found {origs}")
     log("testenv: unpacking the source tree")
     with tarfile.open(origs[0]) as tar:
-        tar.extractall(src, filter="tar")
+        if hasattr(tarfile, "tar_filter"):  # Python >= 3.11.4: refuse absolute paths etc.
+            tar.extractall(src, filter="tar")
+        else:
+            tar.extractall(src)
     roots = [p for p in src.iterdir() if p.is_dir() and (p / "cmd" / "kube-apiserver").is_dir()]
     if len(roots) != 1:
         raise TestEnvError(f"could not find the kubernetes tree under {src}: {roots}")
@@ -456,7 +459,7 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 20.0) -> None:
+def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
     """SIGTERM the process group we started, then SIGKILL it if it does not exit."""
     if proc is None or proc.poll() is not None:
         return
@@ -485,11 +488,20 @@ class KubeAPIServer:
         *,
         log: Log | None = None,
         ready_timeout: float = 90.0,
+        watch_cache: bool = True,
         extra_args: Sequence[str] = (),
     ) -> None:
         """``binary`` defaults to :func:`provision` (which builds it on first use);
-        ``extra_args`` are appended to kube-apiserver's command line."""
+        ``extra_args`` are appended to kube-apiserver's command line.
+
+        ``watch_cache``: with it (the default, as in real clusters) watches are served
+        from the apiserver's memory, so a watch from an old resourceVersion keeps
+        working after :meth:`compact` and gets 410 Expired only once that version is
+        older than the cache, e.g. after :meth:`restart_apiserver`.  Without it every
+        watch reads etcd, and :meth:`compact` alone makes older watches get 410.
+        """
         self._binary = pathlib.Path(binary) if binary else None
+        self.watch_cache = watch_cache
         self._log: Log = log or (lambda _msg: None)
         self.ready_timeout = ready_timeout
         self.extra_args = list(extra_args)
@@ -656,6 +668,7 @@ class KubeAPIServer:
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
             "--service-cluster-ip-range=10.96.0.0/16",
+            *([] if self.watch_cache else ["--watch-cache=false"]),
             *self.extra_args,
         ]
         self._apiserver = self._spawn(cmd, "kube-apiserver.log")
@@ -687,20 +700,23 @@ class KubeAPIServer:
                 )
             time.sleep(0.2)
 
-    def stop_apiserver(self) -> None:
-        """Stop kube-apiserver only (etcd keeps running); open watches end."""
-        _terminate(self._apiserver)
+    def stop_apiserver(self, grace: float = 5.0) -> None:
+        """Stop kube-apiserver only (etcd keeps running): SIGTERM, then SIGKILL after
+        ``grace`` seconds.  Its graceful shutdown waits up to 60 s for open HTTP/1.1
+        watches to end by themselves, so watches still open after ``grace`` are cut
+        (the client sees the connection drop), as when an upgrade kills the process."""
+        _terminate(self._apiserver, grace)
         self._apiserver = None
 
-    def restart_apiserver(self) -> None:
-        """Stop and start kube-apiserver, as an upgrade would; data is kept."""
-        self.stop_apiserver()
+    def restart_apiserver(self, grace: float = 5.0) -> None:
+        """Stop and start kube-apiserver, as an upgrade would; data is kept, every
+        watch is dropped, and the URL and certificate stay the same."""
+        self.stop_apiserver(grace)
         self.start_apiserver()
 
     def stop(self) -> None:
         """Stop both processes and delete the temporary directory.  Idempotent."""
-        _terminate(self._apiserver)
-        self._apiserver = None
+        self.stop_apiserver()
         _terminate(self._etcd)
         self._etcd = None
         if self.workdir is not None:
@@ -731,8 +747,12 @@ class KubeAPIServer:
         return int(status[0]["Status"]["header"]["revision"])
 
     def compact(self, revision: int) -> None:
-        """Compact etcd's history up to ``revision``: watches from older resourceVersions
-        then get 410 Gone / Expired from etcd."""
+        """Compact etcd's history up to ``revision``.
+
+        Reads of older resourceVersions that reach etcd then get 410 Expired: a LIST
+        with ``resourceVersionMatch=Exact``, and watches when ``watch_cache=False``.
+        With the watch cache on, a watch is still served from memory (see __init__).
+        """
         self._etcdctl("compact", str(int(revision)), "--physical")
 
     # -- API helpers ---------------------------------------------------------------------
@@ -837,7 +857,9 @@ def _run_forever() -> int:
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
+    # Explicitly, for both: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     with KubeAPIServer(log=_stderr) as kube:
         print(f"url:         {kube.url}")
         print(f"admin token: {kube.admin_token}")

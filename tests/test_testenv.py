@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from kproxy import testenv
 from kproxy.testenv import KubeAPIServer, TestEnvError, TestEnvUnavailable, provision
 
 IN_CI = os.environ.get("CI") == "true"
@@ -71,6 +73,18 @@ def next_event(r: requests.Response) -> dict[str, Any]:
         if line:
             return json.loads(line)
     raise AssertionError("watch ended without an event")
+
+
+def test_missing_packages_without_root_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    # No server needed: an empty cache, packages "missing", not root.
+    monkeypatch.setenv("KPROXY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(testenv, "_missing_packages", lambda pkgs: ["etcd-server"])
+    monkeypatch.setattr(testenv.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(testenv.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(TestEnvUnavailable, match="etcd-server.*root"):
+        provision(log=lambda _msg: None)
 
 
 def test_selectorless_service_loopback_endpoints_and_labelled_slice(kube: KubeAPIServer) -> None:
@@ -176,28 +190,49 @@ def test_watch_sees_event(kube: KubeAPIServer) -> None:
     assert event["object"]["subsets"][0]["addresses"][0]["ip"] == "127.0.0.2"
 
 
-def test_compaction_expires_old_resource_version(kube: KubeAPIServer) -> None:
-    kube.apply(ns("t-compact"))
-    path = "/api/v1/namespaces/t-compact/endpoints"
-    kube.apply(endpoints("t-compact", "svc", "127.0.0.1", 8000))
-    old_rv = kube.request("GET", path).json()["metadata"]["resourceVersion"]
+def expired_status(w: requests.Response) -> dict[str, Any]:
+    """The 410 Status of a watch that was told to re-list: as the HTTP answer, or as
+    the first (ERROR) event of the stream."""
+    if w.status_code == 410:
+        return w.json()
+    event = next_event(w)
+    assert event["type"] == "ERROR", event
+    return event["object"]
+
+
+def make_history(kube: KubeAPIServer, namespace: str) -> str:
+    """Write an Endpoints object a few times; return a resourceVersion from before
+    the last three writes."""
+    kube.apply(ns(namespace))
+    kube.apply(endpoints(namespace, "svc", "127.0.0.1", 8000))
+    old_rv = kube.request("GET", f"/api/v1/namespaces/{namespace}/endpoints").json()[
+        "metadata"]["resourceVersion"]
     for port in (8001, 8002, 8003):
-        kube.apply(endpoints("t-compact", "svc", "127.0.0.1", port))
+        kube.apply(endpoints(namespace, "svc", "127.0.0.1", port))
+    return old_rv
+
+
+def test_compaction_expires_old_resource_version(kube: KubeAPIServer) -> None:
+    path = "/api/v1/namespaces/t-compact/endpoints"
+    old_rv = make_history(kube, "t-compact")
     revision = kube.etcd_revision()
     assert revision > int(old_rv)
     kube.compact(revision)
 
-    # A watch from before the compaction is told to re-list: 410 Gone / Expired,
-    # either as the HTTP status or as the first (ERROR) event of the stream.
+    # A read that must come from etcd at the compacted version: 410 Expired.
+    r = kube.request("GET", path, params={"resourceVersion": old_rv,
+                                          "resourceVersionMatch": "Exact"})
+    assert r.status_code == 410 and r.json()["reason"] == "Expired", r.text
+
+    # A watch is still served from the apiserver's watch cache, as in a real cluster ...
     with open_watch(kube, path, old_rv) as w:
-        if w.status_code == 410:
-            status = w.json()
-        else:
-            event = next_event(w)
-            assert event["type"] == "ERROR", event
-            status = event["object"]
-    assert status["code"] == 410, status
-    assert status["reason"] in ("Expired", "Gone"), status
+        assert next_event(w)["type"] == "MODIFIED"
+    # ... until the apiserver restarts (an upgrade): the new cache starts at the current
+    # revision and etcd no longer has the old one, so the client must re-list.
+    kube.restart_apiserver()
+    with open_watch(kube, path, old_rv) as w:
+        status = expired_status(w)
+    assert status["code"] == 410 and status["reason"] == "Expired", status
 
 
 def test_apiserver_restart_keeps_data_and_ends_watches(kube: KubeAPIServer) -> None:
@@ -238,14 +273,24 @@ class _ends:
         )
 
 
-def test_stop_is_idempotent_and_cleans_up(kube: KubeAPIServer) -> None:
-    # A second, short-lived server (the module's one keeps running): stop() must kill
-    # both processes and remove the temporary directory, and may be called twice.
-    with KubeAPIServer() as other:
+def test_without_watch_cache_compaction_expires_watch_and_stop_cleans_up(
+    kube: KubeAPIServer,
+) -> None:
+    # A second, short-lived server (the module's one keeps running).
+    with KubeAPIServer(watch_cache=False) as other:
         workdir = other.workdir
         procs = [other._etcd, other._apiserver]
         assert other.url != kube.url
-        assert other.request("GET", "/readyz").status_code == 200
+
+        # Every watch reads etcd here, so compaction alone expires an old version.
+        path = "/api/v1/namespaces/t-nocache/endpoints"
+        old_rv = make_history(other, "t-nocache")
+        other.compact(other.etcd_revision())
+        with open_watch(other, path, old_rv) as w:
+            status = expired_status(w)
+        assert status["code"] == 410 and status["reason"] == "Expired", status
+
+    # stop() killed both processes and removed the temporary directory; it is idempotent.
     assert workdir is not None and not workdir.exists()
     assert all(p is not None and p.poll() is not None for p in procs)
     other.stop()
