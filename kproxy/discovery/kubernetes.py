@@ -284,25 +284,31 @@ def build_view(endpoint_objects: Iterable[Object], service: Object | None) -> Se
                 for address, state in endpoints:
                     if entries.get((address, number), 0) < state:
                         entries[(address, number)] = state
+    interned: dict[tuple[Node, ...], tuple[Node, ...]] = {}
+
+    def usable(entries: Mapping[tuple[str, int], int]) -> tuple[Node, ...]:
+        nodes = _usable(entries)
+        return interned.setdefault(nodes, nodes)  # equal node lists share one tuple
+
     if service is not None:
         ports: dict[str, tuple[Node, ...]] = {}
         for name, number in service["ports"]:
-            nodes = _usable(merged.get(name, {}))
+            nodes = usable(merged.get(name, {}))
             ports.setdefault(str(number), nodes)
             if name:
                 ports[name] = nodes
         return ServiceView(ports, None, "service", service["ports"])
     if set(merged) == {""}:
-        return ServiceView({}, _usable(merged[""]), "endpoints")
+        return ServiceView({}, usable(merged[""]), "endpoints")
     ports = {}
     by_number: dict[int, dict[tuple[str, int], int]] = {}
     for name, entries in merged.items():
         if name:
-            ports[name] = _usable(entries)
+            ports[name] = usable(entries)
         for (address, number), state in entries.items():
             by_number.setdefault(number, {})[(address, number)] = state
     for number, entries in by_number.items():
-        ports.setdefault(str(number), _usable(entries))
+        ports.setdefault(str(number), usable(entries))
     return ServiceView(ports, None, "endpoints")
 
 
@@ -319,8 +325,16 @@ def _reuse(view: ServiceView, old: ServiceView | None) -> ServiceView:
         return view
     if view == old:
         return old
-    ports = {k: (old.ports[k] if old.ports.get(k) == v else v) for k, v in view.ports.items()}
-    any_port = old.any_port if view.any_port is not None and view.any_port == old.any_port else view.any_port
+    previous = {nodes: nodes for nodes in old.ports.values()}
+    if old.any_port is not None:
+        previous.setdefault(old.any_port, old.any_port)
+
+    def keep(key: str, nodes: tuple[Node, ...]) -> tuple[Node, ...]:
+        before = old.ports.get(key)
+        return before if before == nodes else previous.get(nodes, nodes)
+
+    ports = {key: keep(key, nodes) for key, nodes in view.ports.items()}
+    any_port = None if view.any_port is None else previous.get(view.any_port, view.any_port)
     return ServiceView(ports, any_port, view.source, view.service_ports)
 
 

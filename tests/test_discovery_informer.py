@@ -1,0 +1,308 @@
+"""Discovery parts that need no Kubernetes: the store, the endpoint/port rules as pure
+functions, and the informer against what a real API server cannot produce (malformed
+watch events: a clearly named fake on 127.0.0.1) or an API server that is not there."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from kproxy.config import parse
+from kproxy.discovery import create_registry
+from kproxy.discovery.cache import Store
+from kproxy.discovery.kubernetes import (KubernetesRegistry, _reuse, build_view, trim_endpoints,
+                                         trim_service, trim_slice)
+from kproxy.node import Node
+
+TOKEN = "s3cr3t-token-never-shown"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def registry_config(**keys: str):
+    lines = "\n".join(f"{k} = {v}" for k, v in {"type": "kubernetes", **keys}.items())
+    return parse(f"[registry:test]\n{lines}\n").registries["test"]
+
+
+def meta(name: str, namespace: str = "ns", rv: str = "1", labels: dict | None = None) -> dict:
+    m: dict[str, Any] = {"name": name, "namespace": namespace, "resourceVersion": rv}
+    if labels:
+        m["labels"] = labels
+    return m
+
+
+# -- the store --
+
+def test_store_replace_reports_only_differences_and_swaps_atomically():
+    store = Store(index=lambda o: o["svc"])
+    a, b = {"metadata": meta("a"), "svc": "x"}, {"metadata": meta("b"), "svc": "x"}
+    assert [k for k, _, _ in store.replace([a, b], "5")] == [("ns", "a"), ("ns", "b")]
+    assert store.resource_version == "5"
+    b2 = {"metadata": meta("b", rv="6"), "svc": "y"}
+    changes = store.replace([a, b2], "6")
+    assert changes == [(("ns", "b"), b, b2)]
+    assert store.by_index("x") == [a] and store.by_index("y") == [b2]
+    assert store.replace([], "7") == [(("ns", "a"), a, None), (("ns", "b"), b2, None)]
+    assert store.keys() == [] and store.by_index("x") == []
+
+
+def test_store_apply_events_and_index():
+    store = Store(index=lambda o: o["svc"])
+    obj = {"metadata": meta("a", rv="3"), "svc": "x"}
+    assert store.apply("ADDED", obj) == (("ns", "a"), None, obj)
+    assert store.resource_version == "3"
+    moved = {"metadata": meta("a", rv="4"), "svc": "y"}
+    store.apply("MODIFIED", moved)
+    assert store.by_index("x") == [] and store.by_index("y") == [moved]
+    assert store.apply("DELETED", {"metadata": meta("a")}) == (("ns", "a"), moved, None)
+    assert store.apply("DELETED", {"metadata": meta("a")}) is None
+    assert store.index_values() == []
+
+
+# -- endpoint and port rules (pure) --
+
+def slice_(name: str, service: str, endpoints: list, ports=(("http", 8080),), address_type="IPv4") -> dict:
+    return trim_slice({
+        "metadata": meta(name, labels={"kubernetes.io/service-name": service}),
+        "addressType": address_type,
+        "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+        "endpoints": endpoints,
+    })
+
+
+def ep(address: str, **conditions) -> dict:
+    return {"addresses": [address], "conditions": conditions}
+
+
+def service(name: str, ports) -> dict:
+    return trim_service({"metadata": meta(name), "spec": {"ports": [
+        {"name": n, "port": p, "protocol": proto} for n, p, proto in ports]}})
+
+
+def test_view_merges_slices_dedupes_and_prefers_ready():
+    slices = [
+        slice_("a", "web", [ep("10.0.0.1", ready=True), ep("10.0.0.2"), ep("10.0.0.3", ready=False)]),
+        slice_("b", "web", [ep("10.0.0.1", ready=True), ep("fd00::4", ready=True)], address_type="IPv6"),
+    ]
+    view = build_view(slices, service("web", [("http", 80, "TCP")]))
+    assert view.ports["80"] == (Node("10.0.0.1", 8080), Node("10.0.0.2", 8080), Node("fd00::4", 8080))
+    assert view.ports["http"] is view.ports["80"]
+
+
+def test_view_falls_back_to_serving_terminating_never_not_ready():
+    draining = [slice_("a", "web", [ep("10.0.0.1", ready=False, serving=True, terminating=True),
+                                    ep("10.0.0.2", ready=False, serving=False, terminating=True),
+                                    ep("10.0.0.3", ready=False)])]
+    view = build_view(draining, service("web", [("http", 80, "TCP")]))
+    assert view.ports["80"] == (Node("10.0.0.1", 8080),)
+    dead = [slice_("a", "web", [ep("10.0.0.2", ready=False, serving=False), ep("10.0.0.3", ready=False)])]
+    assert build_view(dead, service("web", [("http", 80, "TCP")])).ports["80"] == ()
+
+
+def test_view_maps_service_port_to_endpoint_port_by_name():
+    slices = [slice_("a", "web", [ep("10.0.0.1")], ports=(("http", 8080), ("metrics", 9100)))]
+    svc = service("web", [("http", 80, "TCP"), ("metrics", 9090, "TCP"), ("dns", 53, "UDP")])
+    view = build_view(slices, svc)
+    assert view.ports["80"] == (Node("10.0.0.1", 8080),)
+    assert view.ports["9090"] == view.ports["metrics"] == (Node("10.0.0.1", 9100),)
+    assert "8080" not in view.ports and "53" not in view.ports  # container port, UDP port
+
+
+def test_view_without_service_matches_endpoint_ports():
+    unnamed = [trim_endpoints({"metadata": meta("web"), "subsets": [
+        {"addresses": [{"ip": "10.0.0.1"}], "notReadyAddresses": [{"ip": "10.0.0.9"}], "ports": [{"port": 8080}]}]})]
+    view = build_view(unnamed, None)
+    assert view.source == "endpoints" and view.any_port == (Node("10.0.0.1", 8080),)
+    named = [slice_("a", "web", [ep("10.0.0.1")], ports=(("http", 8080), ("admin", 9000)))]
+    view = build_view(named, None)
+    assert view.ports["http"] == view.ports["8080"] == (Node("10.0.0.1", 8080),)
+    assert view.any_port is None and "80" not in view.ports
+
+
+def test_unchanged_nodes_keep_their_tuple_object():
+    slices = [slice_("a", "web", [ep("10.0.0.1")])]
+    before = build_view(slices, None)  # endpoints listed before Services: matched by endpoint port
+    assert before.ports["http"] is before.ports["8080"]
+    after = _reuse(build_view(slices, service("web", [("http", 80, "TCP")])), before)
+    assert after.ports["80"] is after.ports["http"] is before.ports["http"]
+    grown = _reuse(build_view([slice_("a", "web", [ep("10.0.0.1"), ep("10.0.0.2")])],
+                              service("web", [("http", 80, "TCP")])), after)
+    assert grown.ports["80"] is not after.ports["80"] and len(grown.ports["80"]) == 2
+    assert _reuse(build_view(slices, service("web", [("http", 80, "TCP")])), after) is after
+
+
+def test_slice_without_service_label_is_ignored():
+    assert trim_slice({"metadata": meta("orphan"), "endpoints": [], "ports": []}) is None
+
+
+# -- a fake API server, only for what a real one never sends --
+
+class FakeApiServer:
+    """A FAKE Kubernetes API server on 127.0.0.1 (not used anywhere else): it serves one
+    Endpoints list and a watch stream of malformed events followed by a valid one, since
+    a real API server cannot be made to send broken events."""
+
+    def __init__(self, watch_lines: list[bytes]):
+        self.watch_lines = watch_lines
+        self.requests: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.closing = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake.requests.append(self.path)
+                fake.headers.append(dict(self.headers))
+                url = urlsplit(self.path)
+                query = parse_qs(url.query)
+                if url.path.endswith("/services"):
+                    return self.json(403, {"kind": "Status", "code": 403, "reason": "Forbidden",
+                                           "message": "services is forbidden"})
+                if "watch" not in query:
+                    return self.json(200, {"kind": "EndpointsList", "metadata": {"resourceVersion": "10"},
+                                           "items": [{"metadata": meta("web", "fake", "10"), "subsets": [
+                                               {"addresses": [{"ip": "127.0.0.1"}], "ports": [{"port": 8080}]}]}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for line in fake.watch_lines if len(fake.requests) <= 3 else []:
+                    self.chunk(line + b"\n")
+                fake.closing.wait(30)  # hold the watch open, like a quiet API server
+                self.chunk(b"")
+
+            def chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def json(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+MALFORMED = [
+    b"this is not json",
+    b"[1, 2, 3]",
+    b'{"type": "ADDED"}',
+    b'{"type": "SURPRISE", "object": {"metadata": {"name": "web", "namespace": "fake"}}}',
+    b'{"type": "ADDED", "object": {"kind": "Endpoints"}}',
+    b'{"type": "BOOKMARK", "object": {"metadata": {}}}',
+    b'{"type": "MODIFIED", "object": {"metadata": {"name": "web", "namespace": "fake", '
+    b'"resourceVersion": "11"}, "subsets": "not a list of subsets"}}',
+]
+VALID = (b'{"type": "MODIFIED", "object": {"metadata": {"name": "web", "namespace": "fake", '
+         b'"resourceVersion": "12"}, "subsets": [{"addresses": [{"ip": "127.0.0.1"}, {"ip": "127.0.0.2"}], '
+         b'"ports": [{"port": 8080}]}]}}')
+
+
+def test_malformed_watch_events_are_skipped_and_the_informer_goes_on(caplog):
+    fake = FakeApiServer(MALFORMED + [VALID])
+    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
+                                                  resource="endpoints"))
+    try:
+        with caplog.at_level(logging.DEBUG, logger="kproxy"):
+            registry.start()
+            wait_until(lambda: registry.ready)
+            wait_until(lambda: len(registry.nodes("fake", "web", "80") or ()) == 2)
+        assert registry.nodes("fake", "web", "80") == (Node("127.0.0.1", 8080), Node("127.0.0.2", 8080))
+        stats = registry.dump()["informers"]["endpoints"]
+        assert stats["malformed_events"] == len(MALFORMED)
+        assert stats["state"] == "watching" and not stats["failing"] and stats["errors"] == 0
+        assert stats["resource_version"] == "12" and stats["events"] == 1
+        assert sum("skipped a malformed" in r.getMessage() for r in caplog.records) == len(MALFORMED)
+        # the fake forbids services, as the seed's RBAC does: a warning, and still ready
+        assert any("Services are not readable" in w for w in registry.dump()["warnings"])
+        assert fake.headers[0]["Authorization"] == f"Bearer {TOKEN}"
+        assert TOKEN not in json.dumps(registry.dump()) and TOKEN not in caplog.text
+        # stop() ends the threads promptly although the watch is still open
+        started = time.monotonic()
+        registry.stop()
+        assert time.monotonic() - started < 2
+        assert registry.dump()["informers"]["endpoints"]["state"] == "stopped"
+    finally:
+        registry.stop()
+        fake.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_api_server_backs_off_and_reports_without_token(caplog):
+    config = registry_config(api_server=f"https://127.0.0.1:{closed_port()}", token=TOKEN,
+                             insecure_skip_tls_verify="true")
+    registry = create_registry(config)
+    assert registry.dump()["state"] == "not started"  # construction starts nothing
+    with caplog.at_level(logging.DEBUG, logger="kproxy"):
+        registry.start()
+        time.sleep(3.2)
+        dump = registry.dump()
+        registry.stop()
+    endpoints = dump["informers"]["endpoints"]
+    # 0.8 s doubling (with +-20 % jitter): attempts at about 0, 0.8, 2.4 s; never a hot loop
+    assert 2 <= endpoints["errors"] <= 4, endpoints
+    assert dump["state"] == "error" and not dump["ready"]
+    assert "refused" in endpoints["last_error"].lower() and endpoints["failing"]
+    assert endpoints["last_sync"] is None
+    assert TOKEN not in json.dumps(dump) and TOKEN not in caplog.text
+    assert dump["config"]["auth"] == "token" and "token" not in dump["config"]
+
+
+def test_missing_token_file_is_an_error_state_not_a_crash(tmp_path):
+    registry = create_registry(registry_config(api_server="https://127.0.0.1:1",
+                                               token_file=str(tmp_path / "absent")))
+    registry.start()
+    try:
+        wait_until(lambda: registry.dump()["informers"]["endpoints"]["last_error"])
+        assert "cannot read token_file" in registry.dump()["informers"]["endpoints"]["last_error"]
+    finally:
+        registry.stop()
+
+
+def test_disabled_registry_starts_nothing():
+    registry = create_registry(registry_config(api_server="https://127.0.0.1:1", token=TOKEN, enabled="false"))
+    threads = threading.active_count()
+    registry.start()
+    assert threading.active_count() == threads
+    assert registry.ready and registry.nodes("a", "b", "80") is None
+    assert registry.dump()["state"] == "disabled"
+    registry.stop()
+
