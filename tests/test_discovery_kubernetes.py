@@ -342,6 +342,9 @@ def test_seed_minimal_rbac_works_and_warns(kube, registries, caplog):
         assert "Services are not readable" in warnings and "EndpointSlices are not readable" in warnings
         assert "Services are not readable" in caplog.text
         assert dump["services"]["apisix/httpbin"]["port_source"] == "endpoints"
+        assert dump["services"]["apisix/httpbin"]["ports"] == {"*": [f"127.0.0.1:{httpbin.port}"]}
+        stats = registry.stats()
+        assert (stats["services"], stats["endpoints"], stats["lists"], stats["state"]) == (2, 2, 1, "ok")
         assert dump["informers"]["services"]["last_status"] == 403
         assert token not in json.dumps(dump) and token not in caplog.text
     finally:
@@ -480,6 +483,7 @@ def test_410_after_compaction_relists_without_lost_stale_or_empty_services(kube,
     assert poller.bad == [] and poller.readings > 100
     stats = registry.dump()["informers"]
     assert stats["endpoints"]["relists"] >= 1 and stats["services"]["relists"] >= 1
+    assert registry.stats()["relists"] >= 2
     assert not stats["endpoints"]["failing"] and registry.dump()["state"] == "ok"
 
 

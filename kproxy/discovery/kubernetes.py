@@ -542,6 +542,26 @@ class KubernetesRegistry:
             return "degraded"
         return "ok"
 
+    def stats(self) -> dict[str, Any]:
+        """Numbers for metrics: totals over this registry's informers and its snapshot."""
+        informers = (self._endpoints, self._services)
+        snapshot = self._snapshot
+        addresses = set()
+        services = 0
+        for view in snapshot.values():
+            nodes = {n for port in view.ports.values() for n in port} | set(view.any_port or ())
+            services += bool(nodes)
+            addresses |= nodes
+        syncs = [t for i in informers for t in (i.last_sync, i.last_event) if t is not None]
+        return {
+            "state": self.state, "ready": self.ready, "services": services, "endpoints": len(addresses),
+            "known_services": len(snapshot), "changes": self.changes,
+            "last_sync": max(syncs) if syncs else None,
+            **{key: sum(getattr(i, key) for i in informers)
+               for key in ("lists", "relists", "watches", "watch_restarts", "events", "bookmarks",
+                           "malformed", "errors")},
+        }
+
     def dump(self) -> dict[str, Any]:
         """JSON-able state for the discovery endpoint; holds no token or token file content."""
         c = self.config
@@ -558,8 +578,8 @@ class KubernetesRegistry:
             }
             if view.service_ports is not None:
                 entry["service_ports"] = [{"name": n, "port": p} for n, p in view.service_ports]
-            if view.any_port is not None:
-                entry["any_port"] = [n.address for n in view.any_port]
+            if view.any_port is not None:  # a single unnamed endpoint port answers any number
+                entry["ports"]["*"] = [n.address for n in view.any_port]
             services[f"{namespace}/{name}"] = entry
         warnings = list(self._warnings.values())
         return {
