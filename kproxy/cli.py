@@ -31,8 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     endpoints.add_argument("-c", "--config", required=True, metavar="FILE")
     endpoints.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
                            help="how long to wait for the first list [15]")
+    demo = commands.add_parser("demo", help="run the Kubernetes discovery walkthrough locally "
+                               "(kube-apiserver, httpbin, gateway); Ctrl-C stops it")
+    demo.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="gateway address [127.0.0.1:9080]")
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument("--keep", action="store_true", help="leave the demo running in the background")
+    mode.add_argument("--stop", action="store_true", help="stop the running demo")
+    mode.add_argument("--scale", type=int, metavar="N", help="give the running demo's Service N httpbin nodes")
     args = parser.parse_args(argv)
 
+    if args.command == "demo":
+        from .demo import command as demo_command
+        return demo_command(args.listen, keep=args.keep, stop=args.stop, scale=args.scale)
     if args.command == "check":
         return _check(args.config)
     try:
