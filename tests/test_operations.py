@@ -71,8 +71,9 @@ def test_metrics_add_up_over_two_gunicorn_workers(gateway_process, nodes, tmp_pa
             if len(echo_writers(metrics_dir)) >= 2:
                 break
     assert len(echo_writers(metrics_dir)) >= 2, "only one worker served"
-    text = session().get(gw.url + "/-/metrics", timeout=5).text
-    assert metric(text, "kproxy_requests_total", service="echo", code="2xx") == requests_sent
+    # an exchange is counted when its response is closed, just after the client has it
+    text = wait_until(lambda: (t := session().get(gw.url + "/-/metrics", timeout=5).text) and metric(
+        t, "kproxy_requests_total", service="echo", code="2xx") == requests_sent and t, timeout=5)
     assert metric(text, "kproxy_upstream_responses_total", service="echo", code="200") == requests_sent
     assert metric(text, "kproxy_request_duration_seconds_count", service="echo") == requests_sent
     # the same totals whichever worker answers the scrape

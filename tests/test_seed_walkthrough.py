@@ -89,7 +89,7 @@ def test_seed_walkthrough_under_gunicorn(kube, httpbin_pod, tmp_path):
         head, _, payload = answer.partition(b"\r\n\r\n")
         status, *header_lines = head.decode().split("\r\n")
         headers = dict(line.split(": ", 1) for line in header_lines)
-        assert status == "HTTP/1.1 200 OK", answer[:300]
+        assert status == "HTTP/1.1 200 OK", (answer[:300], session().get(gateway.url + "/-/discovery").text)
         assert headers["Content-Type"] == "application/json"
         assert headers["X-Kproxy-Upstream-Status"] == "200"
         assert headers["Access-Control-Allow-Origin"] == "*"
