@@ -575,3 +575,17 @@ def test_tls_is_verified_whatever_requests_ca_bundle_says(kube, namespace, regis
                           insecure_skip_tls_verify="true")
     wait_until(lambda: insecure.ready)
     assert any("TLS verification" in w for w in insecure.dump()["warnings"])
+
+
+def test_in_cluster_configuration(kube, namespace, registries, monkeypatch, tmp_path):
+    """No api_server: the address comes from the pod's environment, as in a cluster."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube.port))
+    token_file = tmp_path / "token"
+    token_file.write_text(kube.admin_token + "\n")
+    kube.apply(service(namespace, "web"))
+    kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")]))
+    registry = registries(token_file=str(token_file), ca_file=kube.ca_file, namespace_pattern=namespace)
+    wait_until(lambda: registry.ready)
+    assert registry.nodes(namespace, "web", "80") == nodes("127.0.0.1")
+    assert registry.dump()["config"]["auth"] == "token_file"

@@ -151,12 +151,12 @@ class Informer:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "resource": self.name, "path": self.path, "state": self.state, "synced": self.synced,
+            "name": self.name, "path": self.path, "state": self.state, "synced": self.synced,
             "resource_version": self.store.resource_version, "objects": len(self.store),
             "lists": self.lists, "relists": self.relists, "watches": self.watches,
             "watch_restarts": self.watch_restarts, "events": self.events, "bookmarks": self.bookmarks,
             "malformed_events": self.malformed, "errors": self.errors, "failing": self.failing,
-            "consecutive_failures": self._failures, "last_status": self.last_status,
+            "backoff_step": self._failures, "last_status": self.last_status,
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "last_sync": self.last_sync, "last_event": self.last_event,
         }
@@ -174,7 +174,6 @@ class Informer:
                 self._watch()
                 if self._stopping.is_set():
                     break
-                self.watch_restarts += 1
                 if time.monotonic() - started < 1 and self.events + self.bookmarks == events_before:
                     # a server that ends every watch at once would make this loop spin
                     raise ApiStatusError(None, "watch closed", "the server ended the watch immediately")
@@ -296,6 +295,8 @@ class Informer:
                 return
             if response.status != 200:
                 raise _status_error(response)
+            if self.watches:  # every watch after the first, whatever ended the previous one
+                self.watch_restarts += 1
             self.watches += 1
             self.state = "watching"
             self._succeeded()

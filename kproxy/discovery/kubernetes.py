@@ -361,12 +361,13 @@ class KubernetesRegistry:
         self._namespace = namespace
         self._endpoints_store = Store(index=_service_key)
         self._services_store = Store()
+        # informer names appear in log lines: say which registry they belong to
         self._endpoints = Informer(
-            "endpoints", self._api, self._endpoints_path, self._endpoints_store, self._endpoints_changed,
+            f"registry {config.name} endpoints", self._api, self._endpoints_path, self._endpoints_store, self._endpoints_changed,
             params={"labelSelector": config.label_selector or ""}, transform=self._trim_endpoints,
             timing=timing, thread_name=f"kproxy-{config.name}-endpoints")
         self._services = Informer(
-            "services", self._api, lambda: _collection("v1", "services", namespace),
+            f"registry {config.name} services", self._api, lambda: _collection("v1", "services", namespace),
             self._services_store, self._services_changed, transform=self._trim_service,
             on_error=self._services_failed, timing=timing, thread_name=f"kproxy-{config.name}-services")
         if config.insecure_skip_tls_verify:
@@ -566,10 +567,10 @@ class KubernetesRegistry:
         """JSON-able state for the discovery endpoint; holds no token or token file content."""
         c = self.config
         informers = {}
-        for informer in (self._endpoints, self._services):
+        for key, informer in (("endpoints", self._endpoints), ("services", self._services)):
             stats = informer.stats()
             stats["last_error"] = self._api.scrub(stats["last_error"])
-            informers[informer.name] = stats
+            informers[key] = stats
         services = {}
         for (namespace, name), view in sorted(self._snapshot.items()):
             entry: dict[str, Any] = {
