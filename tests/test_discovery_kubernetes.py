@@ -387,6 +387,8 @@ def test_scale_up_and_down_reaches_nodes_quickly(kube, namespace, registries):
     registry = registries(**admin(kube), namespace_pattern=namespace)
     wait_until(lambda: registry.ready)
     assert registry.nodes(namespace, "web", "80") == ()
+    heard = threading.Semaphore(0)
+    registry.add_listener(heard.release)
     latencies = []
     for count in (1, 10, 3, 0, 5):
         addresses = [f"127.0.1.{i + 1}" for i in range(count)]
@@ -394,6 +396,7 @@ def test_scale_up_and_down_reaches_nodes_quickly(kube, namespace, registries):
         written = time.monotonic()
         wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes(*addresses), timeout=5, interval=0.0005)
         latencies.append(time.monotonic() - written)
+        assert heard.acquire(timeout=1)  # listeners hear of every change
     assert max(latencies) < 1.0, latencies
     kube.delete(endpoint_slice(namespace, "web-1", "web", []))
     wait_until(lambda: registry.nodes(namespace, "web", "80") == ())
@@ -406,7 +409,7 @@ def test_paged_list_and_endpoints_resource_via_kubeconfig(kube, namespace, regis
         kube.apply(endpoints(namespace, f"svc-{i}", [f"127.0.2.{i + 1}"], 8080,
                              not_ready=["127.0.3.1"]))
     registry = registries(timing=Timing(page_size=10), kubeconfig=kube.kubeconfig,
-                          namespace_pattern=namespace, resource="endpoints")
+                          context="kproxy", namespace_pattern=namespace, resource="endpoints")
     wait_until(lambda: registry.ready)
     stats = registry.dump()["informers"]["endpoints"]
     assert stats["objects"] == 25 and stats["lists"] == 1
