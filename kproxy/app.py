@@ -18,17 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, unquote
 
 from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
-from .forward import (BodyReader, BrokenBody, ClientDisconnected, ConnectFailed, ExchangeFailed, NO_BODY_STATUSES, TLSPolicy,
+from .forward import (BodyReader, BrokenBody, ClientDisconnected, ConnectFailed, UpstreamFailure, NO_BODY_STATUSES, TLSPolicy,
                       Transport, request_headers, response_headers, stream)
 from .node import Node
 from .routing import MethodNotAllowed, NoRoute, Router
@@ -66,7 +67,7 @@ class Exchange:
     status: int = 0
     bytes_sent: int = 0
     attempts: int = 0
-    connect_failures: int = 0
+    failures: list[str] = field(default_factory=list)  # UpstreamFailure kinds, in order
     ejections: int = 0
     error: str | None = None
 
@@ -241,7 +242,7 @@ class Gateway:
         headers = self._upstream_headers(environ, service, exchange)
         request_target = _forward_target(environ, target.strip)
         tried: list[Node] = []
-        failure: ConnectFailed | ExchangeFailed | None = None
+        failure: UpstreamFailure | None = None
         while len(tried) <= retries:
             try:
                 node = upstream.pick(exclude=tried)
@@ -258,25 +259,20 @@ class Gateway:
             except ClientDisconnected as e:
                 exchange.error = str(e)
                 return self._error(exchange, start_response, 400, "client_disconnected", str(e))
-            except ConnectFailed as e:
+            except UpstreamFailure as e:
                 failure = e
-                upstream.failed(node)
-                exchange.connect_failures += 1
-                exchange.ejections += 1
-                log.warning("upstream %s node %s: %s", service.name, node.address, e.reason)
-                continue
-            except ExchangeFailed as e:
-                failure = e
-                if e.timed_out:
+                exchange.failures.append(e.kind)
+                if isinstance(e, ConnectFailed) or e.timed_out:
                     upstream.failed(node)
                     exchange.ejections += 1
-                log.warning("upstream %s node %s: %s", service.name, node.address, e.reason)
-                if replayable:
+                log.warning("upstream %s node %s: %s (request %s)", service.name, node.address, e.reason,
+                            exchange.request_id)
+                if isinstance(e, ConnectFailed) or replayable:
                     continue
                 break
             exchange.upstream_seconds = time.perf_counter() - sent
             exchange.upstream_status = response.status
-            return self._relay(exchange, start_response, response)
+            return self._relay(exchange, start_response, response, environ)
         if failure is None:
             return self._no_upstream(exchange, start_response, service, routes)
         exchange.error = str(failure)
@@ -300,7 +296,8 @@ class Gateway:
         headers["X-Request-Id"] = exchange.request_id
         return headers
 
-    def _relay(self, exchange: Exchange, start_response: Callable, response: Any) -> Iterable[bytes]:
+    def _relay(self, exchange: Exchange, start_response: Callable, response: Any,
+               environ: dict) -> Iterable[bytes]:
         status = response.status
         headers = response_headers(response)
         headers.append(("X-Kproxy-Upstream-Status", str(status)))
@@ -311,7 +308,7 @@ class Gateway:
             response.release_conn()
             self._finish(exchange)
             return []
-        return _RelayedBody(response, exchange, self._finish)
+        return _RelayedBody(response, exchange, self._finish, environ.get("gunicorn.socket"))
 
     # -- local answers --
 
@@ -359,10 +356,12 @@ class _RelayedBody:
     the end, and drops it otherwise, so an abandoned stream never pins a pooled
     connection."""
 
-    __slots__ = ("_response", "_exchange", "_finish", "_done")
+    __slots__ = ("_response", "_exchange", "_finish", "_client", "_done")
 
-    def __init__(self, response: Any, exchange: Exchange, finish: Callable[[Exchange], None]):
+    def __init__(self, response: Any, exchange: Exchange, finish: Callable[[Exchange], None],
+                 client: socket.socket | None):
         self._response, self._exchange, self._finish = response, exchange, finish
+        self._client = client
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -373,9 +372,18 @@ class _RelayedBody:
                 yield chunk
         except BrokenBody as e:
             exchange.error = f"upstream broke off mid-body: {e}"
-            log.warning("upstream %s node %s: %s", exchange.service,
-                        exchange.node.address if exchange.node else "-", exchange.error)
-            raise
+            exchange.failures.append("broken_body")
+            log.warning("upstream %s node %s: %s (request %s)", exchange.service,
+                        exchange.node.address if exchange.node else "-", exchange.error, exchange.request_id)
+            # The client must see a truncated answer, never a complete-looking one. Where the
+            # server hands us its socket (gunicorn), end the connection here, quietly; elsewhere
+            # raising is the only way to make the server abort it.
+            if self._client is None:
+                raise
+            try:
+                self._client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._done:

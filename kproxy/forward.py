@@ -33,20 +33,25 @@ NO_BODY_STATUSES = frozenset({204, 304})
 CHUNK_SIZE = 64 * 1024
 
 
-class ConnectFailed(Exception):
+class UpstreamFailure(Exception):
+    """A failed exchange with a node. ``kind`` names it for metrics and logs:
+    connect_refused, connect_timeout, tls, read_timeout, bad_response."""
+
+    def __init__(self, node: Node, kind: str, reason: str):
+        self.node, self.kind, self.reason = node, kind, reason
+        super().__init__(f"{node.address}: {reason}")
+
+    @property
+    def timed_out(self) -> bool:
+        return self.kind.endswith("timeout")
+
+
+class ConnectFailed(UpstreamFailure):
     """The request never reached the node: safe to retry elsewhere, whatever the method."""
 
-    def __init__(self, node: Node, timed_out: bool, reason: str):
-        self.node, self.timed_out, self.reason = node, timed_out, reason
-        super().__init__(f"{node.address}: {reason}")
 
-
-class ExchangeFailed(Exception):
-    """The request may have reached the node; ``timed_out`` when it did not answer in time."""
-
-    def __init__(self, node: Node, timed_out: bool, reason: str):
-        self.node, self.timed_out, self.reason = node, timed_out, reason
-        super().__init__(f"{node.address}: {reason}")
+class ExchangeFailed(UpstreamFailure):
+    """The request may have reached the node."""
 
 
 class TLSPolicy:
@@ -97,15 +102,15 @@ class Transport:
             conn.close()
             pool._put_conn(conn)
             if isinstance(e, NewConnectionError):
-                raise ConnectFailed(node, False, _reason(e)) from None
+                raise ConnectFailed(node, "connect_refused", _reason(e)) from None
             if isinstance(e, ConnectTimeoutError):
-                raise ConnectFailed(node, True, "connect timed out") from None
+                raise ConnectFailed(node, "connect_timeout", "connect timed out") from None
             if isinstance(e, ReadTimeoutError):
-                raise ExchangeFailed(node, True, "read timed out") from None
+                raise ExchangeFailed(node, "read_timeout", "read timed out") from None
             if isinstance(e, SSLError):
-                raise ConnectFailed(node, False, f"TLS: {_reason(e)}") from None
+                raise ConnectFailed(node, "tls", f"TLS: {_reason(e)}") from None
             if isinstance(e, (HTTPException, HTTPError, OSError)):
-                raise ExchangeFailed(node, False, _reason(e) or type(e).__name__) from None
+                raise ExchangeFailed(node, "bad_response", _reason(e) or type(e).__name__) from None
             raise
 
     def close(self) -> None:
@@ -153,12 +158,14 @@ def response_headers(response: urllib3.BaseHTTPResponse) -> list[tuple[str, str]
 
 
 def stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """The response body as it arrives, still encoded. Raises ExchangeFailed if the
-    upstream breaks off mid-body, so the server aborts the client connection instead of
-    ending a truncated body as if it were complete."""
+    """The response body as it arrives (whatever one socket read gives, up to 64 KiB, so
+    event streams are not held back), still encoded. Raises BrokenBody if the upstream
+    breaks off mid-body, so that the client's connection is aborted rather than a truncated
+    body ended as if it were complete."""
     try:
-        yield from response.stream(CHUNK_SIZE, decode_content=False)
-    except (ProtocolError, HTTPError, OSError) as e:
+        while chunk := response.read1(CHUNK_SIZE, decode_content=False):
+            yield chunk
+    except (ProtocolError, HTTPError, HTTPException, OSError) as e:
         raise BrokenBody(_reason(e)) from None
 
 

@@ -12,6 +12,8 @@ runs the same informers, so they describe what that worker routes by.
 ``kproxy_upstream_responses_total``                     service, code (upstream status)
 ``kproxy_upstream_duration_seconds``                    service (time to response headers)
 ``kproxy_upstream_connect_failures_total``              service
+``kproxy_upstream_errors_total``                        service, kind (connect_refused, connect_timeout,
+                                                        tls, read_timeout, bad_response, broken_body)
 ``kproxy_upstream_retries_total``                       service
 ``kproxy_upstream_ejections_total``                     service (passive health)
 ``kproxy_discovery_*``                                  registry (see ``DiscoveryCollector``)
@@ -42,6 +44,7 @@ UPSTREAM_RESPONSES = Counter("kproxy_upstream_responses", "Upstream responses by
 UPSTREAM_DURATION = Histogram("kproxy_upstream_duration_seconds", "Time to the upstream's response headers",
                               ["service"], buckets=_BUCKETS)
 CONNECT_FAILURES = Counter("kproxy_upstream_connect_failures", "Connections to nodes that failed", ["service"])
+UPSTREAM_ERRORS = Counter("kproxy_upstream_errors", "Failed exchanges with nodes, by kind", ["service", "kind"])
 RETRIES = Counter("kproxy_upstream_retries", "Requests sent again to another node", ["service"])
 EJECTIONS = Counter("kproxy_upstream_ejections", "Nodes taken out of rotation by passive health", ["service"])
 
@@ -54,8 +57,10 @@ def observe(exchange: Exchange) -> None:
     if exchange.upstream_status is not None:
         UPSTREAM_RESPONSES.labels(exchange.service, str(exchange.upstream_status)).inc()
         UPSTREAM_DURATION.labels(exchange.service).observe(exchange.upstream_seconds or 0.0)
-    if exchange.connect_failures:
-        CONNECT_FAILURES.labels(exchange.service).inc(exchange.connect_failures)
+    for kind in exchange.failures:
+        UPSTREAM_ERRORS.labels(exchange.service, kind).inc()
+        if kind.startswith("connect") or kind == "tls":
+            CONNECT_FAILURES.labels(exchange.service).inc()
     if exchange.attempts > 1:
         RETRIES.labels(exchange.service).inc(exchange.attempts - 1)
     if exchange.ejections:

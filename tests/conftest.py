@@ -301,3 +301,67 @@ def namespace(kube, request) -> Iterable[str]:
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
     kube.delete({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+
+class RawUpstream:
+    """A small raw-socket server for upstream failures a well-behaved server never shows:
+    ``behaviour(conn)`` gets each accepted connection after its request head was read."""
+
+    def __init__(self, behaviour: Callable[[socket.socket], None]):
+        self.behaviour = behaviour
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self._connections.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            self.behaviour(conn)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for conn in self._connections:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def raw_upstream() -> Iterable[Callable[[Callable[[socket.socket], None]], RawUpstream]]:
+    servers: list[RawUpstream] = []
+
+    def start(behaviour: Callable[[socket.socket], None]) -> RawUpstream:
+        server = RawUpstream(behaviour)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()

@@ -380,3 +380,12 @@ def _rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def test_streamed_answers_are_relayed_as_they_arrive(gw):
+    # the upstream sends 1 KiB every 50 ms: nothing may wait for a buffer to fill
+    started = time.monotonic()
+    with get(gw, "/v2/slowstream", "keep.test", stream=True) as response:
+        first = next(response.iter_content(None))
+        assert time.monotonic() - started < 1.0
+        assert first.startswith(b"y")
