@@ -130,10 +130,6 @@ class ApiConnection:
         c.socket_options = tcp_keepalive_socket_options(**KEEPALIVE)
         return c
 
-    @property
-    def host(self) -> str:
-        return self._api_client().configuration.host.rstrip("/")
-
     def _authorization(self) -> str | None:
         if self._token_file:
             try:
