@@ -29,7 +29,7 @@ from urllib.parse import quote, unquote
 from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
-from .forward import (BodyReader, BrokenBody, ClientDisconnected, ConnectFailed, UpstreamFailure, NO_BODY_STATUSES, TLSPolicy,
+from .forward import (BodyReader, BodyTooLarge, BrokenBody, ClientDisconnected, ConnectFailed, UpstreamFailure, NO_BODY_STATUSES, TLSPolicy,
                       Transport, request_headers, response_headers, stream)
 from .node import Node
 from .routing import MethodNotAllowed, NoRoute, Router
@@ -234,9 +234,11 @@ class Gateway:
         except NoNodes:
             return self._no_upstream(exchange, start_response, service, routes)
         try:
-            body, chunked = _request_body(environ)
+            body, chunked = _request_body(environ, routes.config.gateway.max_body_size)
         except BadRequest as e:
             return self._error(exchange, start_response, 400, "bad_request", str(e))
+        except BodyTooLarge as e:
+            return self._error(exchange, start_response, 413, "body_too_large", str(e))
         replayable = body is None and exchange.method in IDEMPOTENT
         retries = service.retries if service.retries is not None else len(nodes) - 1
         headers = self._upstream_headers(environ, service, exchange)
@@ -259,6 +261,9 @@ class Gateway:
             except ClientDisconnected as e:
                 exchange.error = str(e)
                 return self._error(exchange, start_response, 400, "client_disconnected", str(e))
+            except BodyTooLarge as e:
+                exchange.error = str(e)
+                return self._error(exchange, start_response, 413, "body_too_large", str(e))
             except UpstreamFailure as e:
                 failure = e
                 exchange.failures.append(e.kind)
@@ -426,15 +431,19 @@ def _decoded_path(environ: dict) -> str:
         return raw
 
 
-def _request_body(environ: dict) -> tuple[BodyReader | None, bool]:
+def _request_body(environ: dict, limit: int) -> tuple[BodyReader | None, bool]:
+    """The body to forward and whether it goes chunked. The framing is kproxy's own, from
+    what the server decoded: the upstream sees the same body boundary kproxy saw."""
     length = environ.get("CONTENT_LENGTH", "")
     if length:
         if not length.isdigit():
             raise BadRequest("invalid Content-Length")
         n = int(length)
+        if limit and n > limit:
+            raise BodyTooLarge(limit)
         return (BodyReader(environ["wsgi.input"], n), False) if n else (None, False)
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return BodyReader(environ["wsgi.input"], None), True
+        return BodyReader(environ["wsgi.input"], None, limit), True
     return None, False
 
 

@@ -88,6 +88,16 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([kmg]?)", value.lower())
+    if not match:
+        raise ValueError(f"{value!r} is not a size in bytes (such as 1048576, 512k, 10m, 1g)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value.lower() not in options:
@@ -212,6 +222,14 @@ GATEWAY = (
     Setting("workers", _count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py)."),
     Setting("keepalive_timeout", _seconds, 5.0,
             "Seconds an idle client keep-alive connection is kept open."),
+    Setting("client_header_timeout", _seconds, 10.0,
+            "Seconds a client has to send a whole request head once it started (else 408): "
+            "a slow client cannot hold a thread for longer."),
+    Setting("client_body_timeout", _seconds, 30.0,
+            "Seconds each read of a request body may wait for the client."),
+    Setting("max_body_size", _size, 0,
+            "Largest request body accepted, in bytes (``10m``, ``512k`` also work); larger ones get "
+            "413. ``0``: no limit."),
     Setting("node_cooldown", _seconds, 10.0,
             "Seconds a node that refused a connection or timed out is skipped."),
     Setting("access_log", _boolean, True, "Log one line per request to stdout."),
@@ -279,6 +297,9 @@ class GatewayConfig:
     threads: int
     workers: int
     keepalive_timeout: float
+    client_header_timeout: float
+    client_body_timeout: float
+    max_body_size: int
     node_cooldown: float
     access_log: bool
     access_log_format: str

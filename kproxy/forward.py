@@ -174,12 +174,15 @@ class BrokenBody(Exception):
 
 
 class BodyReader:
-    """A request body as a file-like object that never reads past its length, and that
-    fails loudly if the client goes away early (so the upstream is not left waiting)."""
+    """A request body as a file-like object that never reads past its length, fails loudly
+    if the client goes away early (so the upstream is not left waiting), and stops a chunked
+    body that grows past ``limit`` bytes."""
 
-    def __init__(self, stream: IO[bytes], length: int | None):
+    def __init__(self, stream: IO[bytes], length: int | None, limit: int = 0):
         self._stream = stream
         self._remaining = length  # None: chunked, read to EOF
+        self._limit = limit
+        self._read = 0
 
     def read(self, size: int = -1) -> bytes:
         if self._remaining is not None and self._remaining <= 0:
@@ -192,6 +195,9 @@ class BodyReader:
         except Exception as e:  # each server has its own error for a client gone mid-body
             raise ClientDisconnected(f"client went away mid-body: {e}") from None
         if self._remaining is None:
+            self._read += len(data)
+            if self._limit and self._read > self._limit:
+                raise BodyTooLarge(self._limit)
             return data
         if not data:
             raise ClientDisconnected(f"client sent {self._remaining} bytes less than its Content-Length")
@@ -205,3 +211,9 @@ class BodyReader:
 
 class ClientDisconnected(Exception):
     pass
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"request body is larger than max_body_size ({limit} bytes)")

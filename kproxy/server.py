@@ -1,6 +1,7 @@
 """Serving on gunicorn: ``kproxy serve`` and the hooks of ``conf/gunicorn.conf.py``.
 
-``kproxy serve -c FILE`` runs gunicorn's ``gthread`` worker in-process: a bounded pool
+``kproxy serve -c FILE`` runs gunicorn's ``gthread`` worker in-process (with deadlines for
+slow clients, ``kproxy.worker``): a bounded pool
 of ``threads`` request threads per worker, HTTP/1.1 keep-alive with idle connections
 parked in a poller (not holding a thread), ``workers`` processes. The production
 deployment (``KPROXY_CONFIG=FILE gunicorn -c conf/gunicorn.conf.py kproxy.wsgi:application``)
@@ -57,7 +58,7 @@ def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None =
     gateway = config.gateway
     return {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
-        "worker_class": "gthread",
+        "worker_class": "kproxy.worker.DeadlineThreadWorker",
         "workers": gateway.workers,
         "threads": gateway.threads,
         "keepalive": max(1, round(gateway.keepalive_timeout)),
@@ -132,6 +133,8 @@ def post_worker_init(worker: Any) -> None:
     if gateway is None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return
+    worker.header_timeout = gateway.config.gateway.client_header_timeout
+    worker.body_timeout = gateway.config.gateway.client_body_timeout
     gateway.start()
     deadline = time.monotonic() + READY_WAIT
     while not gateway.ready and time.monotonic() < deadline:

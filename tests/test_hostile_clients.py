@@ -1,0 +1,162 @@
+"""Hostile and broken clients, with raw sockets, against ``kproxy serve`` and gunicorn:
+oversized requests get 4xx, request smuggling shapes are refused, slow clients do not starve
+others, and clients that vanish mid-request or mid-response leave nothing pinned."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from .conftest import EchoApp, GatewayProcess, free_port, raw_http, session
+
+CONFIG = """
+[kproxy]
+threads = 4
+client_header_timeout = 2
+max_body_size = 1m
+
+[service:echo]
+host = echo.test
+nodes = {echo}
+
+[api:echo]
+service = echo
+path = /
+"""
+
+
+@pytest.fixture(scope="module")
+def echo_node(upstream):
+    return upstream(EchoApp("echo"))
+
+
+@pytest.fixture(scope="module", params=["serve", "gunicorn"])
+def gw(request, echo_node, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param) / "kproxy.ini"
+    path.write_text(CONFIG.format(echo=echo_node.address))
+    process = GatewayProcess(request.param, path, free_port()).start()
+    yield process
+    process.stop()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else 0
+
+
+def request(gw, head: str, body: bytes = b"") -> bytes:
+    return raw_http(gw.port, head.replace("\n", "\r\n").encode() + body)
+
+
+def assert_no_traceback(gw):
+    assert "Traceback" not in (gw.log_dir / f"{gw.kind}.stderr").read_text()
+
+
+def test_oversized_request_line_is_414(gw):
+    answer = request(gw, f"GET /{'a' * 10000} HTTP/1.1\nHost: echo.test\nConnection: close\n\n")
+    assert status_of(answer) == 414
+    assert_no_traceback(gw)
+
+
+def test_oversized_or_too_many_headers_are_431(gw):
+    big = request(gw, f"GET / HTTP/1.1\nHost: echo.test\nX-Big: {'b' * 20000}\nConnection: close\n\n")
+    many = request(gw, "GET / HTTP/1.1\nHost: echo.test\n" + "".join(f"X-H{i}: v\n" for i in range(200))
+                   + "Connection: close\n\n")
+    assert status_of(big) in (400, 431)
+    assert status_of(many) == 431
+    assert_no_traceback(gw)
+
+
+def test_body_over_max_body_size_is_413(gw):
+    declared = request(gw, "POST / HTTP/1.1\nHost: echo.test\nContent-Length: 2000000\nConnection: close\n\n",
+                       b"x" * 1000)
+    assert status_of(declared) == 413
+    chunk = b"x" * 65536
+    chunked = request(gw, "POST / HTTP/1.1\nHost: echo.test\nTransfer-Encoding: chunked\nConnection: close\n\n",
+                      b"".join(b"10000\r\n" + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n")
+    assert status_of(chunked) == 413
+    assert json.loads(chunked.partition(b"\r\n\r\n")[2])["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize("head", [
+    # Content-Length and Transfer-Encoding together: the classic CL.TE / TE.CL desync
+    "POST / HTTP/1.1\nHost: echo.test\nContent-Length: 4\nTransfer-Encoding: chunked\n\n",
+    # two different Content-Lengths
+    "POST / HTTP/1.1\nHost: echo.test\nContent-Length: 4\nContent-Length: 40\n\n",
+    # a transfer coding that is not chunked last
+    "POST / HTTP/1.1\nHost: echo.test\nTransfer-Encoding: chunked, identity\n\n",
+    # obfuscated Transfer-Encoding
+    "POST / HTTP/1.1\nHost: echo.test\nTransfer-Encoding : chunked\n\n",
+    # a bare LF line ending inside the head
+    "POST / HTTP/1.1\nHost: echo.test\rX: y\nContent-Length: 4\n\n",
+])
+def test_smuggling_shapes_are_refused(gw, head):
+    smuggled = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: echo.test\r\n\r\n"
+    answer = raw_http(gw.port, head.replace("\n", "\r\n").encode() + smuggled.encode(), timeout=10)
+    statuses = [status_of(b"HTTP/1." + part) for part in answer.split(b"HTTP/1.")[1:]]
+    assert statuses and 400 <= statuses[0] < 600 and statuses[0] != 500, answer[:300]
+    assert b"/smuggled" not in answer  # the upstream never saw a second request
+    assert_no_traceback(gw)
+
+
+def test_the_upstream_sees_the_body_boundary_kproxy_saw(gw):
+    # a chunked body is re-framed by kproxy; what follows it on the connection is the next
+    # request, answered separately, never part of the upstream's body
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    second = "GET /second HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\n\r\n"
+    answer = raw_http(gw.port, b"POST /first HTTP/1.1\r\nHost: echo.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + body + second.encode())
+    parts = answer.split(b"HTTP/1.1 ")[1:]
+    assert len(parts) == 2
+    first = json.loads(parts[0].partition(b"\r\n\r\n")[2])
+    assert first["raw_uri"] == "/first" and first["body_length"] == 5
+    assert json.loads(parts[1].partition(b"\r\n\r\n")[2])["raw_uri"] == "/second"
+
+
+def test_slow_clients_do_not_starve_others(gw):
+    """20 slowloris connections, each sending a header byte every 200 ms, against 4 threads."""
+    stop = threading.Event()
+
+    def slowloris() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: echo.test\r\n")
+                for _ in range(100):
+                    if stop.is_set():
+                        return
+                    s.sendall(b"X")
+                    time.sleep(0.2)
+        except OSError:
+            pass  # the server may cut a slow client off: that is a fine defence too
+
+    attackers = [threading.Thread(target=slowloris) for _ in range(20)]
+    for t in attackers:
+        t.start()
+    try:
+        time.sleep(1)
+        for _ in range(10):
+            started = time.monotonic()
+            response = session().get(gw.url + "/x", headers={"Host": "echo.test"}, timeout=10)
+            assert response.status_code == 200
+            assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(timeout=30)
+
+
+def test_clients_vanishing_mid_request_and_mid_response_leave_nothing_pinned(gw):
+    for i in range(500):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            if i % 2:  # half a body, then gone
+                s.sendall(b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            else:  # asks for 5 MiB, reads a little, then gone
+                s.sendall(b"GET /stream/5 HTTP/1.1\r\nHost: echo.test\r\n\r\n")
+                s.recv(1024)
+    for _ in range(20):  # the gateway still answers, on a pool that was not exhausted
+        response = session().get(gw.url + "/x", headers={"Host": "echo.test"}, timeout=10)
+        assert response.status_code == 200
+    assert_no_traceback(gw)
