@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from . import config as configmod
-from .node import split_host_port
 
 
 def _listen(value: str) -> tuple[str, int]:

@@ -278,9 +278,15 @@ def kube():
     """A real etcd + kube-apiserver on loopback (kproxy.testenv). Outside CI it skips with
     the reason when it cannot be provisioned; under CI=true that is a failure."""
     from kproxy import testenv
+
+    def progress(line: str) -> None:  # past pytest's capture: a first 5-minute build must not look hung
+        print(line, file=sys.__stderr__, flush=True)
     try:
-        testenv.provision(log=lambda line: print(line, file=sys.stderr))
-        server = testenv.KubeAPIServer().start()
+        binary = testenv.provision(log=progress)
+        # v1.20 drops EndpointSlice serving/terminating conditions unless this (alpha) gate is on
+        server = testenv.KubeAPIServer(binary, log=progress,
+                                       extra_args=["--feature-gates=EndpointSliceTerminatingCondition=true"])
+        server.start()
     except testenv.TestEnvUnavailable as e:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"the test Kubernetes API server is required under CI: {e}")

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Iterable
 
 import pytest

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -29,7 +28,7 @@ from kproxy.config import parse
 from kproxy.discovery.informer import Timing
 from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
-from kproxy.testenv import KubeAPIServer, TestEnvError, TestEnvUnavailable, provision
+from kproxy.testenv import KubeAPIServer
 
 IN_CI = os.environ.get("CI") == "true"
 # short backoff so fault tests recover in about a second; the default schedule
@@ -40,24 +39,6 @@ SERVICE_NAME = "kubernetes.io/service-name"
 
 def _progress(message: str) -> None:
     print(message, file=sys.__stderr__, flush=True)  # a first 5-minute build must not look hung
-
-
-@pytest.fixture(scope="module")
-def kube() -> Iterator[KubeAPIServer]:
-    try:
-        binary = provision(log=_progress)
-    except TestEnvError as e:
-        if IN_CI or not isinstance(e, TestEnvUnavailable):
-            pytest.fail(f"the kube-apiserver test environment could not be provided: {e}")
-        pytest.skip(f"kube-apiserver test environment unavailable: {e}")
-    # v1.20 drops EndpointSlice serving/terminating conditions unless this (alpha) gate is on
-    server = KubeAPIServer(binary, log=_progress,
-                           extra_args=["--feature-gates=EndpointSliceTerminatingCondition=true"])
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 _numbers = itertools.count()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import EchoApp, GatewayProcess, free_port, session, wait_until
+from .conftest import EchoApp, session, wait_until
 
 STATIC = """
 [kproxy]

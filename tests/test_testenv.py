@@ -12,7 +12,6 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,22 +26,6 @@ IN_CI = os.environ.get("CI") == "true"
 def _progress(msg: str) -> None:
     # Past pytest's capture: a 5-minute first build should not look like a hang.
     print(msg, file=sys.__stderr__, flush=True)
-
-
-@pytest.fixture(scope="module")
-def kube() -> Iterator[KubeAPIServer]:
-    try:
-        binary = provision(log=_progress)
-    except TestEnvUnavailable as e:
-        if IN_CI:
-            pytest.fail(f"CI must provide the kube-apiserver test environment: {e}")
-        pytest.skip(f"kube-apiserver test environment unavailable: {e}")
-    server = KubeAPIServer(binary, log=_progress)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ns(name: str) -> dict[str, Any]:
