@@ -615,8 +615,8 @@ class Demo:
             say(textwrap.fill(
                 f"- First run: building the Kubernetes test environment. kproxy builds a real kube-apiserver "
                 f"{testenv.KUBE_VERSION} from Debian's source and caches it in {_show(testenv.cache_dir())}. "
-                f"This takes about 5 minutes on 2 cores (this machine has {os.cpu_count() or '?'}) and "
-                f"happens once; later runs start in seconds. Progress:", 96, subsequent_indent="  "))
+                f"This takes about 5 minutes on an idle 2-core machine (this one has {os.cpu_count() or '?'} "
+                f"cores; a busy machine takes longer) and happens once; later runs start in seconds. Progress:", 96, subsequent_indent="  "))
 
         def progress(message: str) -> None:
             say("  " + message)
@@ -624,9 +624,10 @@ class Demo:
         done = threading.Event()
 
         def heartbeat() -> None:  # the build itself is one long quiet step
-            while not done.wait(30):
-                minutes, seconds = divmod(int(time.monotonic() - t0), 60)
-                say(f"  ... still building ({minutes} min {seconds:02d} s; about 5 minutes in all on 2 cores)")
+            while not done.wait(60):
+                minutes = int(time.monotonic() - t0) // 60
+                say(f"  ... still building: {minutes} min so far (about 5 min on an idle 2-core machine, "
+                    "longer on a busy one)")
         if building:
             threading.Thread(target=heartbeat, name="build-progress", daemon=True).start()
         try:
