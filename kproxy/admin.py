@@ -9,17 +9,17 @@ path           answer                                                      who m
 ``discovery``  JSON: every registry's state and endpoints, no secrets      ``admin_allow``
 =============  ==========================================================  ===============
 
-The client is ``REMOTE_ADDR``, the peer of the TCP connection: never a forwarded
-header, which any client can write.
+The client is the TCP peer, never a forwarded header any client can write; only behind
+``trusted_proxies`` is it taken from their ``X-Forwarded-For`` (kproxy.forwarded).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import TYPE_CHECKING
 
 from . import metrics
+from .forwarded import address_in
 
 if TYPE_CHECKING:
     from .app import Exchange, Gateway
@@ -46,21 +46,12 @@ class Admin:
         if name not in ("metrics", "discovery"):
             exchange.service = exchange.api = "-"
             return None
-        if not self._allowed(environ.get("REMOTE_ADDR", "")):
+        if not address_in(exchange.client, self.allow):
             return 403, _json({"error": "forbidden", "message": f"{name} is served to admin_allow only"}), JSON
         if name == "metrics":
             body, content_type = metrics.exposition(self.gateway)
             return 200, body, content_type
         return 200, _json(self.discovery()), JSON
-
-    def _allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.partition("%")[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allow)
 
     def discovery(self) -> dict:
         gateway = self.gateway

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ from . import config as configmod
 from .config import Config, ServiceConfig
 from .forward import (BodyReader, BodyTooLarge, BrokenBody, ClientDisconnected, ConnectFailed, UpstreamFailure, NO_BODY_STATUSES, TLSPolicy,
                       Transport, request_headers, response_headers, stream)
+from .forwarded import client_address, peer_is_trusted
 from .node import Node
 from .routing import MethodNotAllowed, NoRoute, Router
 from .upstream import NoNodes, Upstream
@@ -203,11 +205,17 @@ class Gateway:
         if self._started_pid != os.getpid():
             self.start()
         routes = self.routes
+        gateway = routes.config.gateway
         method = environ["REQUEST_METHOD"]
         path = _decoded_path(environ)
-        exchange = Exchange(method, path, environ.get("REMOTE_ADDR", "-"),
-                            environ.get("HTTP_X_REQUEST_ID") or uuid.uuid4().hex, time.perf_counter())
-        admin_prefix = routes.config.gateway.admin_prefix
+        client_id = environ.get("HTTP_X_REQUEST_ID", "")
+        exchange = Exchange(method, path, client_address(environ, gateway.trusted_proxies),
+                            client_id if _REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex,
+                            time.perf_counter())
+        if _unsafe_path(path):
+            return self._error(exchange, start_response, 400, "bad_path",
+                               "the path has a '.' or '..' segment or a control character")
+        admin_prefix = gateway.admin_prefix
         if path.startswith(admin_prefix):
             answer = self.admin.handle(environ, path[len(admin_prefix):], exchange)
             if answer is not None:
@@ -241,7 +249,7 @@ class Gateway:
             return self._error(exchange, start_response, 413, "body_too_large", str(e))
         replayable = body is None and exchange.method in IDEMPOTENT
         retries = service.retries if service.retries is not None else len(nodes) - 1
-        headers = self._upstream_headers(environ, service, exchange)
+        headers = self._upstream_headers(environ, service, exchange, routes)
         request_target = _forward_target(environ, target.strip)
         tried: list[Node] = []
         failure: UpstreamFailure | None = None
@@ -288,16 +296,23 @@ class Gateway:
         return self._error(exchange, start_response, 502, kind,
                            f"upstream {service.name}: {failure.reason}", service=service.name)
 
-    def _upstream_headers(self, environ: dict, service: ServiceConfig, exchange: Exchange) -> dict[str, str]:
+    def _upstream_headers(self, environ: dict, service: ServiceConfig, exchange: Exchange,
+                          routes: Routes) -> dict[str, str]:
         host = service.upstream_host if service.pass_host == "rewrite" else None
         headers = request_headers(environ, host)
-        client = environ.get("REMOTE_ADDR", "")
+        peer = environ.get("REMOTE_ADDR", "")
         prior = headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-        if "HTTP_HOST" in environ:
-            headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
-        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
-        headers["X-Forwarded-Port"] = str(environ.get("SERVER_PORT", ""))
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        ours = {"X-Forwarded-Host": environ.get("HTTP_HOST"), "X-Forwarded-Proto": environ.get("wsgi.url_scheme", "http"),
+                "X-Forwarded-Port": str(environ.get("SERVER_PORT", ""))}
+        keep_theirs = peer_is_trusted(environ, routes.config.gateway.trusted_proxies)
+        for name, value in ours.items():
+            if keep_theirs and name in headers:
+                continue
+            if value is None:
+                headers.pop(name, None)
+            else:
+                headers[name] = value
         headers["X-Request-Id"] = exchange.request_id
         return headers
 
@@ -420,6 +435,19 @@ class KProxyMiddleware:
 
     def stop(self) -> None:
         self.gateway.stop()
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # kept from the client; else a new one
+_PATH_SEGMENT = re.compile(r"[/\\]")
+
+
+def _unsafe_path(path: str) -> bool:
+    """Dot-segments, or control characters, in the decoded path. The path is routed as
+    decoded, and upstreams that decode %2F and resolve '..' would see another path than
+    the one routed: refusing these keeps routes from being bypassed (docs/security.rst)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return True
+    return "." in path and any(segment in (".", "..") for segment in _PATH_SEGMENT.split(path))
 
 
 def _decoded_path(environ: dict) -> str:

@@ -213,6 +213,9 @@ GATEWAY = (
             "Path under which healthz, readyz, metrics and discovery are served."),
     Setting("admin_allow", _networks, _networks("127.0.0.0/8 ::1"),
             "Client networks that may read metrics and the discovery dump."),
+    Setting("trusted_proxies", _networks, (),
+            "Proxies in front of kproxy whose X-Forwarded-* headers are believed (see "
+            "kproxy/forwarded.py). Empty: none; the client is the TCP peer."),
     Setting("connect_timeout", _seconds, 3.0, "Seconds to connect to an upstream node."),
     Setting("read_timeout", _seconds, 60.0,
             "Seconds to wait for an upstream's response headers, and between body reads."),
@@ -292,6 +295,7 @@ class GatewayConfig:
     listen: tuple[str, int]
     admin_prefix: str
     admin_allow: tuple[Any, ...]
+    trusted_proxies: tuple[Any, ...]
     connect_timeout: float
     read_timeout: float
     threads: int
