@@ -91,6 +91,7 @@ class Routes:
             target = RouteTarget(api.name, service, upstreams[service.name],
                                  service.path_prefix if api.strip_prefix else "", tls)
             self.router.add(service.host, service.path_prefix + api.path, api.match, api.methods, target)
+        self.router.build()
 
     def _upstream(self, service: ServiceConfig) -> Upstream:
         if service.nodes is not None:

@@ -24,8 +24,10 @@ Lookup walks a trie of path segments, so its cost does not grow with the number 
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable
 
+from werkzeug.exceptions import BadHost
 from werkzeug.exceptions import MethodNotAllowed as _WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter, Map, Rule
@@ -62,6 +64,7 @@ class Router:
                         converters={"rest": _Rest, "label": _Label})
         self._pending: list[tuple[int, Rule]] = []
         self._count = 0
+        self._build_lock = threading.Lock()
 
     def add(self, host: str, path: str, match: str, methods: Iterable[str] | None, target: Any) -> None:
         """Route ``host`` + ``path`` (``match`` = "prefix" or "exact") to ``target``.
@@ -90,18 +93,25 @@ class Router:
     def __len__(self) -> int:
         return self._count
 
-    def _build(self) -> None:
-        self._pending.sort(key=lambda pair: pair[0])
-        for _, rule in self._pending:
-            self._map.add(rule)
-        self._pending.clear()
+    def build(self) -> None:
+        """Add the routes given so far to the map (in the order that makes exact rules win
+        ties); ``match`` does it on first use, but the gateway does it at config load."""
+        with self._build_lock:  # requests may race to the first match
+            self._pending.sort(key=lambda pair: pair[0])
+            for _, rule in self._pending:
+                self._map.add(rule)
+            self._pending.clear()
+            self._map.update()
 
     def match(self, host: str | None, path: str, method: str) -> Any:
         """The target for a request. ``host`` may carry a port. Raises NoRoute or
         MethodNotAllowed."""
         if self._pending:
-            self._build()
-        adapter = self._map.bind(normalize_host(host) or _NO_HOST, path_info=path)
+            self.build()
+        try:
+            adapter = self._map.bind(normalize_host(host) or _NO_HOST, path_info=path)
+        except BadHost:  # not a DNS name (an empty label, one over 63 characters): no named
+            adapter = self._map.bind(_NO_HOST, path_info=path)  # host can match; any-host routes
         try:
             target, _ = adapter.match(path, method=method)
         except NotFound:

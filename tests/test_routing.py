@@ -251,3 +251,25 @@ def test_five_thousand_routes_still_match_correctly():
         r.match("anything.test", "/svc3/apix", "GET")         # segment boundary
     with pytest.raises(MethodNotAllowed):
         r.match("anything.test", "/svc0/api", "POST")          # methods = GET
+
+
+def test_first_matches_racing_from_many_threads_all_succeed():
+    # a router built lazily must not fail when a burst of first requests races to build it
+    import threading
+    for _ in range(20):
+        router = Router()
+        for i in range(50):
+            router.add(f"h{i}.test", f"/p{i}", "prefix", None, i)
+        results, errors = [], []
+
+        def hit(i: int) -> None:
+            try:
+                results.append(router.match(f"h{i}.test", f"/p{i}/x", "GET") == i)
+            except Exception as e:  # noqa: BLE001 - any exception is the failure
+                errors.append(e)
+        threads = [threading.Thread(target=hit, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and results == [True] * 16
