@@ -56,6 +56,10 @@ class _Label(BaseConverter):
 
 _ANY_HOST = "<kproxy_any_host>"
 _NO_HOST = "-"  # what an absent Host header is matched as: only "any host" routes take it
+# Werkzeug strips the leading slashes of a path before matching ("//a" would match as "/a"):
+# under one static first segment, rules and paths keep every slash, so "//a" is routed as it
+# is forwarded (docs/security.rst: "//" is routed as it is)
+_BASE = "/_"
 
 
 class Router:
@@ -75,9 +79,11 @@ class Router:
         else:
             host_rule = host or _ANY_HOST
         path = path or "/"
-        paths = [path]
+        if match == "prefix":  # /p/ is the same prefix as /p: the same rules, the same 405s
+            path = path.rstrip("/") or "/"
+        paths = [_BASE + path]
         if match == "prefix":
-            paths.append(path.rstrip("/") + "/<rest:kproxy_rest>")
+            paths.append(_BASE + path.rstrip("/") + "/<rest:kproxy_rest>")
         methods = None if methods is None else list(methods)
         # exact rules go first so that they win ties with prefix rules of the same path
         order = 0 if match == "exact" else 1
@@ -109,11 +115,11 @@ class Router:
         if self._pending:
             self.build()
         try:
-            adapter = self._map.bind(normalize_host(host) or _NO_HOST, path_info=path)
+            adapter = self._map.bind(normalize_host(host) or _NO_HOST)
         except BadHost:  # not a DNS name (an empty label, one over 63 characters): no named
-            adapter = self._map.bind(_NO_HOST, path_info=path)  # host can match; any-host routes
+            adapter = self._map.bind(_NO_HOST)  # host can match; any-host routes
         try:
-            target, _ = adapter.match(path, method=method)
+            target, _ = adapter.match(_BASE + path, method=method)
         except NotFound:
             raise NoRoute(path) from None
         except _WerkzeugMethodNotAllowed as e:
