@@ -48,7 +48,11 @@ class Problem:
             where += f": [{self.section}]"
         if self.key is not None:
             where += f" {self.key}"
-        return f"{where}: {self.message}"
+        # one line per problem, whatever a multi-line value put in the message
+        return _LINE_BREAK.sub(lambda m: m[0].encode("unicode_escape").decode(), f"{where}: {self.message}")
+
+
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
 
 
 class ConfigError(Exception):
@@ -567,7 +571,10 @@ def _check_apis(path: str, apis: dict[str, ApiConfig], services: dict[str, Servi
             problems.append(Problem(path, section, "service", f"no [service:{a.service}] section"))
         if service is None or a.path is None:
             continue
-        route = (service.host, service.path_prefix + a.path, a.match)
+        full = service.path_prefix + a.path
+        if a.match == "prefix":  # /p/ is the same prefix as /p
+            full = full.rstrip("/") or "/"
+        route = (service.host, full, a.match)
         for other in seen.setdefault(route, []):
             if a.methods is None or other.methods is None or a.methods & other.methods:
                 problems.append(Problem(path, section, "path", f"same route as [api:{other.name}] "
