@@ -134,12 +134,9 @@ def request_headers(environ: dict, host: str | None) -> dict[str, str]:
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     if environ.get("CONTENT_LENGTH"):
         headers["Content-Length"] = environ["CONTENT_LENGTH"]
-    connection = headers.pop("Connection", "")
-    for token in connection.split(","):
-        headers.pop(token.strip().title(), None)
-    for name in ("Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-                 "Proxy-Authorization", "Expect"):
-        headers.pop(name, None)
+    # hop-by-hop, named in Connection, or Expect (the server answered 100 Continue itself)
+    dropped = HOP_BY_HOP | {"expect"} | {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    headers = {name: value for name, value in headers.items() if name.lower() not in dropped}
     if host is not None:
         headers["Host"] = host
     # urllib3 would add its own User-Agent and Accept-Encoding: send only what the client sent
