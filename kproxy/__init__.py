@@ -14,7 +14,10 @@ __all__ = ["Gateway", "KProxyMiddleware"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from . import app
-        return getattr(app, name)
+    if name == "Gateway":
+        from .app import Gateway
+        return Gateway
+    if name == "KProxyMiddleware":
+        from .middleware import KProxyMiddleware
+        return KProxyMiddleware
     raise AttributeError(f"module 'kproxy' has no attribute {name!r}")

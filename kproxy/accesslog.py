@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from .app import Exchange
+    from .exchange import Exchange
 
 log = logging.getLogger("kproxy.access")
 

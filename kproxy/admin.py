@@ -22,7 +22,8 @@ from . import metrics
 from .forwarded import address_in
 
 if TYPE_CHECKING:
-    from .app import Exchange, Gateway
+    from .app import Gateway
+    from .exchange import Exchange
 
 Answer = tuple[int, bytes, str]
 JSON = "application/json"

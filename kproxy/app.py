@@ -1,13 +1,13 @@
-"""The gateway as a WSGI application, and as middleware in front of another app.
+"""The gateway as a WSGI application (``KProxyMiddleware`` mounts it in front of another).
 
 ::
 
-    from kproxy import Gateway, KProxyMiddleware
-    application = Gateway.from_file("conf/static-example.ini")     # a whole gateway
-    app.wsgi_app = KProxyMiddleware(app.wsgi_app, "kproxy.ini")      # or in front of an app
+    from kproxy import Gateway
+    application = Gateway.from_file("conf/static-example.ini")
 
-A request flows: admin endpoints -> route (host, path, method) -> upstream (pick a node,
-retry on the next one where safe) -> forward (stream both ways). Everything a route
+A request flows: request (path, body, id: ``request``) -> admin endpoints (``admin``) ->
+route (host, path, method: ``routing``) -> upstream (pick a node, retry on the next one
+where safe: ``upstream``) -> forward (stream both ways: ``forward``). Everything a route
 needs per request is computed once, when the config is loaded (``RouteTarget``).
 Discovery threads start in ``start()``, which ``kproxy serve`` and the gunicorn hooks
 call after fork; a gateway that was not started starts itself on its first request.
@@ -18,22 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import quote, unquote
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
-from .forward import (BodyReader, BodyTooLarge, BrokenBody, ClientDisconnected, ConnectFailed, UpstreamFailure, NO_BODY_STATUSES, TLSPolicy,
-                      Transport, request_headers, response_headers, stream)
-from .forwarded import client_address, peer_is_trusted
+from .exchange import Exchange
+from .forward import (NO_BODY_STATUSES, BodyTooLarge, ClientDisconnected, ConnectFailed, RelayedBody, TLSPolicy,
+                      Transport, UpstreamFailure, request_headers, response_headers)
+from .forwarded import add_forwarded_headers, client_address
 from .node import Node
+from .request import BadRequest, forward_target, request_body, request_id, routing_path, unsafe_path
 from .routing import MethodNotAllowed, NoRoute, Router
 from .upstream import NoNodes, Upstream
 
@@ -51,27 +49,6 @@ class RouteTarget:
     upstream: Upstream
     strip: str          # path prefix to remove before forwarding ("" for none)
     tls: TLSPolicy | None
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request: read by the access log and metrics when it ends."""
-    method: str
-    path: str
-    client: str
-    request_id: str
-    started: float
-    service: str = "-"
-    api: str = "-"
-    node: Node | None = None
-    upstream_status: int | None = None
-    upstream_seconds: float | None = None
-    status: int = 0
-    bytes_sent: int = 0
-    attempts: int = 0
-    failures: list[str] = field(default_factory=list)  # UpstreamFailure kinds, in order
-    ejections: int = 0
-    error: str | None = None
 
 
 class Routes:
@@ -208,12 +185,10 @@ class Gateway:
         routes = self.routes
         gateway = routes.config.gateway
         method = environ["REQUEST_METHOD"]
-        path = _decoded_path(environ)
-        client_id = environ.get("HTTP_X_REQUEST_ID", "")
-        exchange = Exchange(method, path, client_address(environ, gateway.trusted_proxies),
-                            client_id if _REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex,
+        path = routing_path(environ)
+        exchange = Exchange(method, path, client_address(environ, gateway.trusted_proxies), request_id(environ),
                             time.perf_counter())
-        if _unsafe_path(path):
+        if unsafe_path(path):
             return self._error(exchange, start_response, 400, "bad_path",
                                "the path has a '.' or '..' segment or a control character")
         admin_prefix = gateway.admin_prefix
@@ -243,15 +218,17 @@ class Gateway:
         except NoNodes:
             return self._no_upstream(exchange, start_response, service, routes)
         try:
-            body, chunked = _request_body(environ, routes.config.gateway.max_body_size)
+            body, chunked = request_body(environ, routes.config.gateway.max_body_size)
         except BadRequest as e:
             return self._error(exchange, start_response, 400, "bad_request", str(e))
         except BodyTooLarge as e:
             return self._error(exchange, start_response, 413, "body_too_large", str(e))
         replayable = body is None and exchange.method in IDEMPOTENT
         retries = service.retries if service.retries is not None else len(nodes) - 1
-        headers = self._upstream_headers(environ, service, exchange, routes)
-        request_target = _forward_target(environ, target.strip)
+        headers = request_headers(environ, service.upstream_host if service.pass_host == "rewrite" else None)
+        add_forwarded_headers(headers, environ, routes.config.gateway.trusted_proxies)
+        headers["X-Request-Id"] = exchange.request_id
+        request_target = forward_target(environ, target.strip)
         tried: list[Node] = []
         failure: UpstreamFailure | None = None
         while len(tried) <= retries:
@@ -297,26 +274,6 @@ class Gateway:
         return self._error(exchange, start_response, 502, kind,
                            f"upstream {service.name}: {failure.reason}", service=service.name)
 
-    def _upstream_headers(self, environ: dict, service: ServiceConfig, exchange: Exchange,
-                          routes: Routes) -> dict[str, str]:
-        host = service.upstream_host if service.pass_host == "rewrite" else None
-        headers = request_headers(environ, host)
-        peer = environ.get("REMOTE_ADDR", "")
-        prior = headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        ours = {"X-Forwarded-Host": environ.get("HTTP_HOST"), "X-Forwarded-Proto": environ.get("wsgi.url_scheme", "http"),
-                "X-Forwarded-Port": str(environ.get("SERVER_PORT", ""))}
-        keep_theirs = peer_is_trusted(environ, routes.config.gateway.trusted_proxies)
-        for name, value in ours.items():
-            if keep_theirs and name in headers:
-                continue
-            if value is None:
-                headers.pop(name, None)
-            else:
-                headers[name] = value
-        headers["X-Request-Id"] = exchange.request_id
-        return headers
-
     def _relay(self, exchange: Exchange, start_response: Callable, response: Any,
                environ: dict) -> Iterable[bytes]:
         status = response.status
@@ -329,7 +286,7 @@ class Gateway:
             response.release_conn()
             self._finish(exchange)
             return []
-        return _RelayedBody(response, exchange, self._finish, environ.get("gunicorn.socket"))
+        return RelayedBody(response, exchange, self._finish, environ.get("gunicorn.socket"))
 
     # -- local answers --
 
@@ -371,137 +328,3 @@ class Gateway:
                 log.exception("observer %r failed", observer)
 
 
-class _RelayedBody:
-    """The upstream body as a WSGI iterable. ``close`` (called by every WSGI server, also
-    when the client went away) returns the connection to the pool if the body was read to
-    the end, and drops it otherwise, so an abandoned stream never pins a pooled
-    connection."""
-
-    __slots__ = ("_response", "_exchange", "_finish", "_client", "_done")
-
-    def __init__(self, response: Any, exchange: Exchange, finish: Callable[[Exchange], None],
-                 client: socket.socket | None):
-        self._response, self._exchange, self._finish = response, exchange, finish
-        self._client = client
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        exchange = self._exchange
-        try:
-            for chunk in stream(self._response):
-                exchange.bytes_sent += len(chunk)
-                yield chunk
-        except BrokenBody as e:
-            exchange.error = f"upstream broke off mid-body: {e}"
-            exchange.failures.append("broken_body")
-            log.warning("upstream %s node %s: %s (request %s)", exchange.service,
-                        exchange.node.address if exchange.node else "-", exchange.error, exchange.request_id)
-            # The client must see a truncated answer, never a complete-looking one. Where the
-            # server hands us its socket (gunicorn), end the connection here, quietly; elsewhere
-            # raising is the only way to make the server abort it.
-            if self._client is None:
-                raise
-            try:
-                self._client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if not self._response.isclosed():  # not read to the end: the connection cannot be reused
-            self._response.close()
-        self._response.release_conn()
-        self._finish(self._exchange)
-
-
-class KProxyMiddleware:
-    """Put the gateway in front of an existing WSGI app: requests that match a route (or
-    the admin prefix) are proxied; everything else goes to ``app``::
-
-        app.wsgi_app = KProxyMiddleware(app.wsgi_app, "kproxy.ini")
-    """
-
-    def __init__(self, app: WSGIApp, config: str | Config):
-        cfg = config if isinstance(config, Config) else configmod.load(config)
-        self.app = app
-        self.gateway = Gateway(cfg, fallback=app)
-
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        return self.gateway(environ, start_response)
-
-    def start(self) -> None:
-        self.gateway.start()
-
-    def stop(self) -> None:
-        self.gateway.stop()
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # kept from the client; else a new one
-_PATH_SEGMENT = re.compile(r"[/\\]")
-
-
-def _unsafe_path(path: str) -> bool:
-    """Dot-segments, or control characters, in the decoded path. The path is routed as
-    decoded, and upstreams that decode %2F and resolve '..' would see another path than
-    the one routed: refusing these keeps routes from being bypassed (docs/security.rst)."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        return True
-    return "." in path and any(segment in (".", "..") for segment in _PATH_SEGMENT.split(path))
-
-
-def _decoded_path(environ: dict) -> str:
-    # WSGI gives PATH_INFO as latin-1 text of the percent-decoded bytes; route on real text
-    raw = environ.get("PATH_INFO", "") or "/"
-    try:
-        return raw.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return raw
-
-
-def _request_body(environ: dict, limit: int) -> tuple[BodyReader | None, bool]:
-    """The body to forward and whether it goes chunked. The framing is kproxy's own, from
-    what the server decoded: the upstream sees the same body boundary kproxy saw."""
-    length = environ.get("CONTENT_LENGTH", "")
-    if length:
-        if not length.isdigit():
-            raise BadRequest("invalid Content-Length")
-        n = int(length)
-        if limit and n > limit:
-            raise BodyTooLarge(limit)
-        return (BodyReader(environ["wsgi.input"], n), False) if n else (None, False)
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return BodyReader(environ["wsgi.input"], None, limit), True
-    return None, False
-
-
-class BadRequest(ValueError):
-    pass
-
-
-def _forward_target(environ: dict, strip: str) -> str:
-    """The request-target to send upstream: the client's bytes (percent-encoding and query
-    kept exactly), minus the stripped prefix."""
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if raw and not environ.get("SCRIPT_NAME"):
-        if raw.startswith(("http://", "https://")):  # absolute-form request-target
-            raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
-        path, sep, query = raw.partition("?")
-    else:
-        path = quote(environ.get("PATH_INFO", "") or "/", safe="/;=,:@!$&'()*+~")
-        query = environ.get("QUERY_STRING", "")
-        sep = "?" if query else ""
-    if strip:
-        path = _strip_prefix(path, strip)
-    return path + sep + query
-
-
-def _strip_prefix(path: str, prefix: str) -> str:
-    if path.startswith(prefix):
-        return path[len(prefix):] or "/"
-    # the client percent-encoded part of the prefix; find where the decoded prefix ends
-    for end in range(len(prefix), len(path) + 1):
-        if unquote(path[:end]) == prefix and (end == len(path) or path[end] == "/"):
-            return path[end:] or "/"
-    return path

@@ -7,7 +7,7 @@ would cost a third of the throughput here, so it is not on the path::
 
     transport = Transport(pool_size=8, connect_timeout=3, read_timeout=60)
     response = transport.send(node, "GET", "/anything?x=1", headers, body=None)
-    for chunk in stream(response): ...
+    body = RelayedBody(response, exchange, on_close, client_socket)   # the WSGI answer
 
 Header rules (RFC 9110 §7.6.1): hop-by-hop headers and every header named in
 ``Connection`` are dropped in both directions (``request_headers``, ``response_headers``).
@@ -16,8 +16,10 @@ Content encodings pass through untouched, redirects are returned, not followed.
 
 from __future__ import annotations
 
+import logging
+import socket
 from http.client import HTTPException
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import urllib3
 from requests.adapters import HTTPAdapter
@@ -25,7 +27,10 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionErr
                                 ReadTimeoutError, SSLError)
 from urllib3.util import SKIP_HEADER
 
+from .exchange import Exchange
 from .node import Node
+
+log = logging.getLogger("kproxy")
 
 HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
@@ -154,7 +159,7 @@ def response_headers(response: urllib3.BaseHTTPResponse) -> list[tuple[str, str]
     return [(name, value) for name, value in raw.iteritems() if name.lower() not in dropped]
 
 
-def stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+def _body_chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The response body as it arrives (whatever one socket read gives, up to 64 KiB, so
     event streams are not held back), still encoded. Raises BrokenBody if the upstream
     breaks off mid-body, so that the client's connection is aborted rather than a truncated
@@ -168,6 +173,51 @@ def stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
 
 class BrokenBody(Exception):
     """The upstream broke off mid-body."""
+
+
+class RelayedBody:
+    """The upstream body as a WSGI iterable. ``close`` (called by every WSGI server, also
+    when the client went away) returns the connection to the pool if the body was read to
+    the end, and drops it otherwise, so an abandoned stream never pins a pooled
+    connection."""
+
+    __slots__ = ("_response", "_exchange", "_finish", "_client", "_done")
+
+    def __init__(self, response: Any, exchange: Exchange, finish: Callable[[Exchange], None],
+                 client: socket.socket | None):
+        self._response, self._exchange, self._finish = response, exchange, finish
+        self._client = client
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self._exchange
+        try:
+            for chunk in _body_chunks(self._response):
+                exchange.bytes_sent += len(chunk)
+                yield chunk
+        except BrokenBody as e:
+            exchange.error = f"upstream broke off mid-body: {e}"
+            exchange.failures.append("broken_body")
+            log.warning("upstream %s node %s: %s (request %s)", exchange.service,
+                        exchange.node.address if exchange.node else "-", exchange.error, exchange.request_id)
+            # The client must see a truncated answer, never a complete-looking one. Where the
+            # server hands us its socket (gunicorn), end the connection here, quietly; elsewhere
+            # raising is the only way to make the server abort it.
+            if self._client is None:
+                raise
+            try:
+                self._client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if not self._response.isclosed():  # not read to the end: the connection cannot be reused
+            self._response.close()
+        self._response.release_conn()
+        self._finish(self._exchange)
 
 
 class BodyReader:

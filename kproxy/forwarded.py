@@ -62,3 +62,21 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def add_forwarded_headers(headers: dict[str, str], environ: dict, trusted: Sequence[Network]) -> None:
+    """Append the peer to ``X-Forwarded-For``; set ``X-Forwarded-Host``, ``-Proto`` and
+    ``-Port`` from what kproxy saw, unless a trusted proxy sent them."""
+    peer = environ.get("REMOTE_ADDR", "")
+    prior = headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    keep_theirs = peer_is_trusted(environ, trusted)
+    for name, value in (("X-Forwarded-Host", environ.get("HTTP_HOST")),
+                        ("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")),
+                        ("X-Forwarded-Port", str(environ.get("SERVER_PORT", "")))):
+        if keep_theirs and name in headers:
+            continue
+        if value is None:
+            headers.pop(name, None)
+        else:
+            headers[name] = value

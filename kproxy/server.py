@@ -163,7 +163,8 @@ def on_exit(server: Any) -> None:
 
 
 def _gateway(app: Any) -> Any:
-    from .app import Gateway, KProxyMiddleware
+    from .app import Gateway
+    from .middleware import KProxyMiddleware
     if isinstance(app, KProxyMiddleware):
         return app.gateway
     return app if isinstance(app, Gateway) else None

@@ -207,9 +207,9 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.kind} exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if session().get(self.url + "/-/healthz", timeout=1).status_code == 200:
+                if session().get(self.url + "/-/healthz", timeout=2).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or slow on a busy machine
                 pass
             time.sleep(0.1)
         self.stop()
