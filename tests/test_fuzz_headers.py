@@ -1,0 +1,177 @@
+"""Fuzzing header handling (kproxy/forward.py ``request_headers`` and ``response_headers``).
+
+Requests come in as gunicorn hands them over: a WSGI environ with ``HTTP_*`` keys (repeated
+fields joined with ``,``, names with ``_`` dropped, ``CONTENT_TYPE``/``CONTENT_LENGTH``
+without the prefix). Responses come in as urllib3 builds them from the upstream's header
+block (``http.client`` parses it, urllib3 keeps repeated fields apart in an HTTPHeaderDict).
+
+Properties (RFC 9110 §7.6.1, CONTRACT.md "HTTP behaviour", README.rst "Forwarding"):
+
+- no hop-by-hop header (``forward.HOP_BY_HOP``) and no header named by any ``Connection``
+  token comes out, in either direction; ``Expect`` is not forwarded either (the server
+  answered ``100 Continue`` itself);
+- every other header comes out with its value unchanged: repeated request fields as the
+  one joined value the environ holds, repeated response fields (``Set-Cookie``) one per line
+  in their order;
+- ``Host`` is the one given (pass_host node/rewrite) or else the client's; ``User-Agent``
+  and ``Accept-Encoding`` are the client's or, when it sent none, urllib3's SKIP_HEADER
+  (so urllib3 adds none of its own).
+
+Run: ``python -m pytest tests/test_fuzz_headers.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+
+import urllib3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from urllib3 import HTTPHeaderDict
+from urllib3.util import SKIP_HEADER
+
+from kproxy.forward import HOP_BY_HOP, request_headers, response_headers
+
+# more examples for a longer run: KPROXY_FUZZ_SCALE=10 python -m pytest tests/test_fuzz_*.py
+SCALE = float(os.environ.get("KPROXY_FUZZ_SCALE", "1"))
+
+NOT_FORWARDED = HOP_BY_HOP | {"expect"}
+END_TO_END = ["Host", "User-Agent", "Accept-Encoding", "Accept", "Content-Type", "Content-Length",
+              "Cookie", "Set-Cookie", "Authorization", "X-Forwarded-For", "X-Request-Id", "Via",
+              "Cache-Control", "X-Custom", "X-A-B-C", "Trailers", "Keep-Alive2", "Te-X", "Content-Encoding"]
+NAMES = sorted(HOP_BY_HOP) + ["Expect"] + END_TO_END
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def case_variants(name: str) -> st.SearchStrategy[str]:
+    return st.sampled_from([name, name.lower(), name.upper(), name.swapcase()]) | st.lists(
+        st.booleans(), min_size=len(name), max_size=len(name)).map(
+        lambda flips: "".join(c.upper() if f else c.lower() for c, f in zip(name, flips)))
+
+
+names = st.one_of(st.sampled_from(NAMES).flatmap(case_variants),
+                  st.text(TOKEN_CHARS, min_size=1, max_size=12))
+# field values as a server hands them over: visible ASCII, inner spaces and tabs, latin-1 obs-text
+field_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f")
+                       | st.just("\t"), max_size=30).map(str.strip)
+
+
+@st.composite
+def connection_values(draw) -> str:
+    """A Connection value: tokens naming headers (hop-by-hop, end-to-end, unknown), in any
+    case, with odd spacing and empty list elements."""
+    tokens = draw(st.lists(names | st.sampled_from(["close", "keep-alive", "Upgrade", ""]), max_size=5))
+    spaces = st.sampled_from(["", " ", "  ", "\t"])
+    return ",".join(draw(spaces) + t + draw(spaces) for t in tokens).strip()
+
+
+@st.composite
+def header_lists(draw) -> list[tuple[str, str]]:
+    headers = []
+    for _ in range(draw(st.integers(0, 14))):
+        name = draw(names)
+        value = draw(connection_values()) if name.lower() == "connection" else draw(field_values)
+        headers.append((name, value))
+        if draw(st.integers(0, 5)) == 0:  # repeated fields: same name, maybe another case
+            headers.append((draw(case_variants(name)), draw(field_values)))
+    if draw(st.booleans()):
+        headers.append((draw(case_variants("Connection")), draw(connection_values())))
+    return headers
+
+
+def connection_tokens(values: list[str]) -> set[str]:
+    return {token.strip().lower() for value in values for token in value.split(",")} - {""}
+
+
+# -- requests --
+
+def gunicorn_environ(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """What gunicorn (kproxy.worker's base) puts in the environ for these request headers."""
+    environ: dict[str, str] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http"}
+    repeated: dict[str, list[str]] = {}
+    for name, value in headers:
+        name = name.upper()
+        if "_" in name:  # header_map = "drop"
+            continue
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+            continue
+        key = "HTTP_" + name.replace("-", "_")
+        if key in environ:
+            repeated.setdefault(key, [environ[key]]).append(value)
+        else:
+            environ[key] = value
+    for key, values in repeated.items():
+        environ[key] = ",".join(values)
+    return environ
+
+
+def expected_request_headers(environ: dict[str, str], host: str | None) -> dict[str, str]:
+    """The model: lower-cased name -> value that must be sent upstream."""
+    fields = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
+              if key.startswith("HTTP_")}
+    if environ.get("CONTENT_TYPE"):
+        fields["content-type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        fields["content-length"] = environ["CONTENT_LENGTH"]
+    dropped = NOT_FORWARDED | connection_tokens([fields.get("connection", "")])
+    out = {name: value for name, value in fields.items() if name not in dropped}
+    if host is not None:
+        out["host"] = host
+    out.setdefault("user-agent", SKIP_HEADER)
+    out.setdefault("accept-encoding", SKIP_HEADER)
+    return out
+
+
+@settings(max_examples=int(250 * SCALE), deadline=None)
+@given(header_lists(), st.none() | st.sampled_from(["node.local:8080", "rewritten.example", "[fd00::1]:80"]))
+def test_request_headers_drop_hop_by_hop_and_connection_tokens_and_keep_the_rest(headers, host):
+    environ = gunicorn_environ(headers)
+    out = request_headers(environ, host)
+    lowered = {name.lower(): value for name, value in out.items()}
+    assert len(lowered) == len(out), f"a header twice in different case: {sorted(out)}"
+    assert lowered == expected_request_headers(environ, host)
+    # the property itself, independent of the model above
+    sent = {name for name, value in lowered.items() if value is not SKIP_HEADER}
+    named = connection_tokens([environ.get("HTTP_CONNECTION", "")])
+    assert not sent & HOP_BY_HOP
+    assert not sent & (named - {"host"} if host is not None else named)
+    for name, value in out.items():
+        assert name.lower() in ("host", "user-agent", "accept-encoding") or value != SKIP_HEADER
+
+
+# -- responses --
+
+def upstream_response(headers: list[tuple[str, str]]) -> urllib3.HTTPResponse:
+    """The response urllib3 hands kproxy for an upstream that sent these header lines."""
+    block = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers) + b"\r\n"
+    message = http.client.parse_headers(io.BytesIO(block))
+    try:
+        from urllib3.connection import _normalize_header_values
+        items = _normalize_header_values(message)
+    except ImportError:  # older urllib3: the message's items as they are
+        items = message.items()
+    return urllib3.HTTPResponse(body=io.BytesIO(b""), headers=HTTPHeaderDict(items), status=200,
+                                preload_content=False)
+
+
+@settings(max_examples=int(250 * SCALE), deadline=None)
+@given(header_lists())
+def test_response_headers_drop_hop_by_hop_and_connection_tokens_and_keep_the_rest(headers):
+    response = upstream_response(headers)
+    out = response_headers(response)
+    # the model: every field line in the order urllib3 groups them (by name, first seen
+    # first), minus hop-by-hop ones and those a Connection line names
+    received = [(name.lower(), value) for name, value in response.headers.iteritems()]
+    assert sorted(received) == sorted((name.lower(), value.strip()) for name, value in headers)
+    dropped = HOP_BY_HOP | connection_tokens([v for n, v in headers if n.lower() == "connection"])
+    assert [(name.lower(), value) for name, value in out] == \
+        [(name, value) for name, value in received if name not in dropped]
+    # Set-Cookie lines stay apart, in their order
+    assert [v for n, v in out if n.lower() == "set-cookie"] == \
+        ([v.strip() for n, v in headers if n.lower() == "set-cookie"] if "set-cookie" not in dropped else [])
