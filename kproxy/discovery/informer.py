@@ -311,7 +311,7 @@ class Informer:
     def _handle(self, line: bytes) -> None:
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             return self._skip("not JSON", line)
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             return self._skip("no object", line)
@@ -330,7 +330,7 @@ class Informer:
         if event_type not in ("ADDED", "MODIFIED", "DELETED"):
             return self._skip(f"unknown event type {event_type!r}", line)
         if not _named(obj):
-            return self._skip("object without metadata.name", line)
+            return self._skip("object without a usable metadata.name/namespace/resourceVersion", line)
         if event_type == "DELETED":
             change = self.store.apply("DELETED", obj)
         else:
@@ -350,7 +350,7 @@ class Informer:
     def _transformed(self, obj: Any) -> Any:
         """The transformed object, None when the transform drops it, or _MALFORMED."""
         if not _named(obj):
-            self._skip("object without metadata.name", obj)
+            self._skip("object without a usable metadata.name/namespace/resourceVersion", obj)
             return _MALFORMED
         try:
             return self._transform(obj)
@@ -374,8 +374,11 @@ class Informer:
 
 
 def _named(obj: Any) -> bool:
+    """Whether the object's metadata can key the store: a name, and a namespace and
+    resourceVersion that are strings where present."""
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
-    return isinstance(metadata, dict) and isinstance(metadata.get("name"), str) and bool(metadata["name"])
+    return (isinstance(metadata, dict) and isinstance(metadata.get("name"), str) and bool(metadata["name"])
+            and all(isinstance(metadata.get(key, ""), str) for key in ("namespace", "resourceVersion")))
 
 
 def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

@@ -27,6 +27,7 @@ hand-written Endpoints often carry labels their Service lacks.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -212,8 +213,22 @@ def _tcp_ports(ports: Iterable[dict[str, Any]] | None) -> tuple[tuple[str, int],
     out = []
     for p in ports or ():
         if (p.get("protocol") or "TCP") == "TCP" and isinstance(p.get("port"), int):
-            out.append((p.get("name") or "", p["port"]))
+            name = p.get("name") or ""
+            if not isinstance(name, str):
+                raise ValueError(f"port name {name!r} is not a string")
+            out.append((name, p["port"]))
     return tuple(out)
+
+
+def _ip(value: Any) -> str | None:
+    """An endpoint address as a canonical IP string; None for anything else (the API
+    server only stores IPs; a hostname or junk here must not become a node)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def trim_endpoints(obj: Object) -> Object:
@@ -221,7 +236,7 @@ def trim_endpoints(obj: Object) -> Object:
     groups = []
     for subset in obj.get("subsets") or ():
         ports = _tcp_ports(subset.get("ports"))
-        addresses = tuple((a["ip"], READY) for a in subset.get("addresses") or () if a.get("ip"))
+        addresses = tuple((ip, READY) for ip in (_ip(a.get("ip")) for a in subset.get("addresses") or ()) if ip)
         if ports and addresses:
             groups.append((ports, addresses))
     return {"metadata": _metadata(obj), "service": obj["metadata"]["name"], "groups": groups}
@@ -232,10 +247,12 @@ def trim_slice(obj: Object) -> Object | None:
     service = (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
     if not service:
         return None
+    if not isinstance(service, str):
+        raise ValueError(f"label {SERVICE_NAME_LABEL} is not a string")
     endpoints = []
     for endpoint in obj.get("endpoints") or ():
         addresses = endpoint.get("addresses") or ()
-        if not addresses:
+        if not isinstance(addresses, list) or not addresses or not _ip(addresses[0]):
             continue
         conditions = endpoint.get("conditions") or {}
         if conditions.get("ready") is not False:  # unset means ready
@@ -245,7 +262,7 @@ def trim_slice(obj: Object) -> Object | None:
         else:
             continue
         # the addresses of one endpoint are fungible: consumers use the first
-        endpoints.append((addresses[0], state))
+        endpoints.append((_ip(addresses[0]), state))
     ports = _tcp_ports(obj.get("ports"))
     groups = [(ports, tuple(endpoints))] if ports and endpoints else []
     return {"metadata": _metadata(obj), "service": service, "groups": groups}
