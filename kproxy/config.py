@@ -454,7 +454,7 @@ def _duplicates(text: str, path: str) -> list[Problem]:
     problems = []
     section = None
     first_line: dict[tuple[str, str | None], int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # as configparser splits (not at U+2028)
         stripped = line.strip()
         if not stripped or stripped[0] in "#;" or line[0].isspace():  # blank, comment, continuation
             continue
