@@ -234,6 +234,8 @@ GATEWAY = (
             "a slow client cannot hold a thread for longer."),
     Setting("client_body_timeout", _seconds, 30.0,
             "Seconds each read of a request body may wait for the client."),
+    Setting("client_send_timeout", _seconds, 30.0,
+            "Seconds each write of an answer may wait for a client that does not read."),
     Setting("max_body_size", _size, 0,
             "Largest request body accepted, in bytes (``10m``, ``512k`` also work); larger ones get "
             "413. ``0``: no limit."),
@@ -307,6 +309,7 @@ class GatewayConfig:
     keepalive_timeout: float
     client_header_timeout: float
     client_body_timeout: float
+    client_send_timeout: float
     max_body_size: int
     node_cooldown: float
     access_log: bool

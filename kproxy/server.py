@@ -135,6 +135,7 @@ def post_worker_init(worker: Any) -> None:
         return
     worker.header_timeout = gateway.config.gateway.client_header_timeout
     worker.body_timeout = gateway.config.gateway.client_body_timeout
+    worker.send_timeout = gateway.config.gateway.client_send_timeout
     gateway.start()
     deadline = time.monotonic() + READY_WAIT
     while not gateway.ready and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,6 +18,7 @@ CONFIG = """
 [kproxy]
 threads = 4
 client_header_timeout = 2
+client_send_timeout = 2
 max_body_size = 1m
 
 [service:echo]
@@ -160,3 +162,47 @@ def test_clients_vanishing_mid_request_and_mid_response_leave_nothing_pinned(gw)
         response = session().get(gw.url + "/x", headers={"Host": "echo.test"}, timeout=10)
         assert response.status_code == 200
     assert_no_traceback(gw)
+
+
+def test_connections_that_say_nothing_hold_no_thread(gw):
+    idle = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(16)]  # 4x threads
+    try:
+        time.sleep(0.3)
+        for _ in range(5):
+            started = time.monotonic()
+            response = session().get(gw.url + "/x", headers={"Host": "echo.test"}, timeout=10)
+            assert response.status_code == 200
+            assert time.monotonic() - started < 2.0
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_clients_that_stop_reading_are_cut_off_after_the_send_timeout(gw):
+    readers = []
+    for _ in range(4):  # as many as there are threads: each asks for 200 MiB and reads nothing
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /stream/200 HTTP/1.1\r\nHost: echo.test\r\n\r\n")
+        readers.append(s)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        response = session().get(gw.url + "/x", headers={"Host": "echo.test"}, timeout=30)
+        assert response.status_code == 200
+        assert time.monotonic() - started < 10  # client_send_timeout is 2 s
+    finally:
+        for s in readers:
+            s.close()
+
+
+def test_complete_requests_that_waited_for_a_thread_are_served_not_408(gw):
+    def slow(_: int) -> int:  # four requests that keep all four threads busy for 3 s
+        return session().get(gw.url + "/sleep/3", headers={"Host": "echo.test"}, timeout=30).status_code
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(slow, i) for i in range(4)]
+        time.sleep(0.5)
+        # a whole request that waits > client_header_timeout (2 s) in the queue
+        answer = request(gw, "GET /x HTTP/1.1\nHost: echo.test\nConnection: close\n\n")
+        assert status_of(answer) == 200
+        assert [f.result() for f in busy] == [200] * 4
