@@ -36,6 +36,9 @@ HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "te", "t
                         "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
 NO_BODY_STATUSES = frozenset({204, 304})
 CHUNK_SIZE = 64 * 1024
+# Request bodies go upstream in larger pieces: urllib3 would read a file 16 KiB at a time,
+# and gunicorn, which reads ahead up to 1 MiB, copies what is left over on every read.
+BODY_CHUNK_SIZE = 256 * 1024
 
 
 class UpstreamFailure(Exception):
@@ -99,6 +102,8 @@ class Transport:
         # '%' once one is invalid), and a gateway must send the client's bytes as they came.
         # _get_conn/_make_request/_put_conn are the steps urlopen itself takes.
         conn = pool._get_conn()
+        if isinstance(body, BodyReader):
+            body = iter(body)  # in BODY_CHUNK_SIZE pieces, not urllib3's 16 KiB reads
         try:
             return pool._make_request(conn, method, target, body=body, headers=headers, retries=None,
                                       timeout=self.timeout, chunked=chunked, response_conn=conn,
@@ -252,7 +257,7 @@ class BodyReader:
         return data
 
     def __iter__(self) -> Iterator[bytes]:
-        while chunk := self.read(CHUNK_SIZE):
+        while chunk := self.read(BODY_CHUNK_SIZE):
             yield chunk
 
 
