@@ -10,9 +10,8 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
 
 from kproxy.config import parse
 from kproxy.discovery import create_registry
@@ -21,18 +20,9 @@ from kproxy.discovery.kubernetes import (KubernetesRegistry, _reuse, build_view,
                                          trim_service, trim_slice)
 from kproxy.node import Node
 
+from .conftest import wait_until
+
 TOKEN = "s3cr3t-token-never-shown"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def registry_config(**keys: str):

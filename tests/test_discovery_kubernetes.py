@@ -30,6 +30,8 @@ from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
 from kproxy.testenv import KubeAPIServer
 
+from .conftest import wait_until
+
 IN_CI = os.environ.get("CI") == "true"
 # short backoff so fault tests recover in about a second; the default schedule
 # (0.8 s doubling to 30 s) is checked without a server in test_discovery_informer.py
@@ -74,16 +76,6 @@ def registries() -> Iterator[Callable[..., KubernetesRegistry]]:
 def admin(kube: KubeAPIServer, url: str | None = None) -> dict[str, str]:
     return {"api_server": url or kube.url, "token": kube.admin_token, "ca_file": kube.ca_file}
 
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 # -- Kubernetes objects --
