@@ -32,7 +32,6 @@ from kproxy.testenv import KubeAPIServer
 
 from .conftest import wait_until
 
-IN_CI = os.environ.get("CI") == "true"
 # short backoff so fault tests recover in about a second; the default schedule
 # (0.8 s doubling to 30 s) is checked without a server in test_discovery_informer.py
 FAST = Timing(backoff_initial=0.2, backoff_cap=1.0)

@@ -8,7 +8,6 @@ provide it (not root with packages missing, not Debian) skips them with the reas
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
@@ -20,7 +19,6 @@ import requests
 from kproxy import testenv
 from kproxy.testenv import KubeAPIServer, TestEnvError, TestEnvUnavailable, provision
 
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _progress(msg: str) -> None:
