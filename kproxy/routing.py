@@ -56,6 +56,7 @@ class _Label(BaseConverter):
 
 _ANY_HOST = "<kproxy_any_host>"
 _NO_HOST = "-"  # what an absent Host header is matched as: only "any host" routes take it
+_ADAPTER_CACHE_SIZE = 256
 # Werkzeug strips the leading slashes of a path before matching ("//a" would match as "/a"):
 # under one static first segment, rules and paths keep every slash, so "//a" is routed as it
 # is forwarded (docs/security.rst: "//" is routed as it is)
@@ -69,6 +70,7 @@ class Router:
         self._pending: list[tuple[int, Rule]] = []
         self._count = 0
         self._build_lock = threading.Lock()
+        self._adapters: dict[str | None, Any] = {}  # Host header -> MapAdapter
 
     def add(self, host: str, path: str, match: str, methods: Iterable[str] | None, target: Any) -> None:
         """Route ``host`` + ``path`` (``match`` = "prefix" or "exact") to ``target``.
@@ -109,15 +111,26 @@ class Router:
             self._pending.clear()
             self._map.update()
 
+    def _adapter(self, host: str | None) -> Any:
+        # Binding costs as much as matching; a client's Host header is one of a few. The cache
+        # is bounded: random Host headers (a scan) empty it rather than grow it.
+        try:
+            adapter = self._map.bind(normalize_host(host) or _NO_HOST)
+        except BadHost:  # not a DNS name (an empty label, one over 63 characters): no named
+            adapter = self._map.bind(_NO_HOST)  # host can match; any-host routes
+        if len(self._adapters) >= _ADAPTER_CACHE_SIZE:
+            self._adapters.clear()
+        self._adapters[host] = adapter
+        return adapter
+
     def match(self, host: str | None, path: str, method: str) -> Any:
         """The target for a request. ``host`` may carry a port. Raises NoRoute or
         MethodNotAllowed."""
         if self._pending:
             self.build()
-        try:
-            adapter = self._map.bind(normalize_host(host) or _NO_HOST)
-        except BadHost:  # not a DNS name (an empty label, one over 63 characters): no named
-            adapter = self._map.bind(_NO_HOST)  # host can match; any-host routes
+        adapter = self._adapters.get(host)
+        if adapter is None:
+            adapter = self._adapter(host)
         try:
             target, _ = adapter.match(_BASE + path, method=method)
         except NotFound:

@@ -273,3 +273,11 @@ def test_first_matches_racing_from_many_threads_all_succeed():
         for t in threads:
             t.join()
         assert errors == [] and results == [True] * 16
+
+
+def test_random_host_headers_do_not_grow_the_router_without_bound():
+    router = Router()
+    router.add("", "/", "prefix", None, "any")
+    for i in range(2000):
+        assert router.match(f"scan{i}.example", "/x", "GET") == "any"
+    assert len(router._adapters) <= 256
