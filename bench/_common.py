@@ -108,6 +108,55 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _descendants_cpu(root: int) -> float:
+    """CPU seconds (user + system) of the live descendants of ``root``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    children_of: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children_of.setdefault(ppid, []).append(pid)
+    total, stack = 0.0, list(children_of.get(root, []))
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack += children_of.get(pid, [])
+    return total
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(monotonic time, CPU seconds used by the whole machine, CPU seconds used by this
+    process and everything it started): their differences over a round tell how much
+    CPU other work on the machine took meanwhile."""
+    import resource
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk and other finished children
+    own = me.ru_utime + me.ru_stime + reaped.ru_utime + reaped.ru_stime + _descendants_cpu(os.getpid())
+    return time.monotonic(), machine, own
+
+
+def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU (0..1) that processes not started by this run used
+    between two snapshots."""
+    wall = max(after[0] - before[0], 1e-6)
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
 def rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -293,6 +342,8 @@ class LoadResult:
 
 
 def wrk_path() -> str | None:
+    if os.environ.get("KPROXY_BENCH_NO_WRK"):  # run.py --python-load
+        return None
     return shutil.which("wrk")
 
 

@@ -23,6 +23,10 @@ What it does (everything on 127.0.0.1; every process it starts is stopped at the
    ``wrk -t1 -c16 -dNs --latency`` (or the Python load generator when wrk is missing).
    With 2 workers the connections each worker got are counted: gunicorn may hand all 16
    to one worker, which changes the result by up to 3x (see shared/BENCHMARKING.md).
+   A round during which other processes took more than 15% of the machine's CPU
+   (``--max-other-cpu``; from /proc, everything this run started excluded) is not
+   counted and is run again, at most ``--rounds`` more times; with fewer than 3 quiet
+   rounds every round is counted and the output says the machine was busy.
 4. Report: medians of req/s, p50 and p99; the medians of per-round ratios to the ceiling
    and to the peer (the headline, as absolute figures drift on a shared machine); RSS
    per worker idle and after load, and of an idle worker on the seed config; route
@@ -51,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _kube  # noqa: E402
 from _common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, LoadResult, Proc,  # noqa: E402
-                     Upstream, children, connections_per_worker, free_ports, median, rss_mb, rst_table,
+                     Upstream, children, connections_per_worker, cpu_snapshot, foreign_share, free_ports, median,
+                     rss_mb, rst_table,
                      run_load, say, start_upstream, table, wait_http, wrk_path)
 
 CEILING, PEER = "ceiling", "peer"
@@ -227,7 +232,9 @@ class Series:
     idle_rss: dict[str, list[float]] = field(default_factory=dict)
     load_rss: dict[str, list[float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    loadavg: list[float] = field(default_factory=list)  # 1-minute load average after each round
+    other: list[float] = field(default_factory=list)     # per counted round: CPU share other processes took
+    rejected: list[float] = field(default_factory=list)  # the same, of rounds not counted
+    disturbed: bool = False                               # too few quiet rounds: all were counted
 
 
 def worker_rss(server: Server) -> list[float]:
@@ -236,7 +243,10 @@ def worker_rss(server: Server) -> list[float]:
 
 
 def measure(workers: int, keys: list[str], rounds: int, duration: float, connections: int, env: Env,
-            skipped: dict[str, str]) -> Series:
+            skipped: dict[str, str], extra_rounds: int = 0, max_other: float = 1.0) -> Series:
+    """Rounds over the contestants. A round during which other processes used more than
+    ``max_other`` of the machine's CPU (in any of its runs) is not counted, and another is
+    run instead, at most ``extra_rounds`` more in all."""
     series = Series(skipped=skipped)
     say(f"\n== {workers} worker{'s' if workers > 1 else ''} x {THREADS} threads: starting contestants ...")
     servers = start_all(keys, workers, env, skipped)
@@ -247,21 +257,44 @@ def measure(workers: int, keys: list[str], rounds: int, duration: float, connect
         for key, server in servers.items():  # warm-up: connections, pools, code paths
             run_load(server.port, 1, connections)
         live = [k for k in keys if k in servers]
-        for r in range(rounds):
+        attempts = rounds + max(0, extra_rounds)
+        rejected: dict[str, list[LoadResult]] = {}
+        for r in range(attempts):
+            accepted = len(series.other)
+            if accepted >= rounds:
+                break
             order = live[r % len(live):] + live[:r % len(live)]
+            results, worst = {}, 0.0
             for key in order:
                 server = servers[key]
                 sample = None
                 if workers > 1 and server.gunicorn:
                     sample = (lambda s=server: connections_per_worker(s.port, s.workers))
+                before = cpu_snapshot()
                 result = run_load(server.port, duration, connections, sample=sample)
-                series.runs.setdefault(key, []).append(result)
+                other = foreign_share(before, cpu_snapshot())
+                worst = max(worst, other)
+                results[key] = result
                 conns = f"  conns/worker {'/'.join(map(str, result.conns))}" if result.conns else ""
                 errs = f"  ERRORS {result.errors}" if result.errors else ""
-                say(f"  round {r + 1}/{rounds}  {key:<17} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
-                    f"  p99 {result.p99_ms:6.2f} ms{conns}{errs}")
+                say(f"  round {r + 1}  {key:<17} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+                    f"  p99 {result.p99_ms:6.2f} ms  other CPU {other:4.0%}{conns}{errs}")
                 time.sleep(0.3)
-            series.loadavg.append(round(os.getloadavg()[0], 1))
+            if worst <= max_other:
+                series.other.append(round(worst, 3))
+                for key, result in results.items():
+                    series.runs.setdefault(key, []).append(result)
+            else:
+                series.rejected.append(round(worst, 3))
+                for key, result in results.items():
+                    rejected.setdefault(key, []).append(result)
+                say(f"  round {r + 1} not counted: other processes used {worst:.0%} of the machine's CPU "
+                    f"during one of its runs (limit {max_other:.0%})")
+        if len(series.other) < min(3, rounds):  # too few quiet rounds: count every round, and say so
+            for key, results in rejected.items():
+                series.runs.setdefault(key, []).extend(results)
+            series.other += series.rejected
+            series.disturbed = True
         for key, server in servers.items():
             series.load_rss[key] = worker_rss(server)
             if not server.proc.alive():
@@ -351,6 +384,19 @@ def results_rows(stats: dict[str, dict[str, Any]], series: Series, workers: int)
 def results_header(workers: int) -> list[str]:
     h = ["contestant", "req/s", "range", "x ceiling", "x peer", "p50 ms", "p99 ms", "p99 x ceil", "errors"]
     return h + (["conns per worker, by round"] if workers > 1 else [])
+
+
+def code_version() -> str:
+    """The commit the measured kproxy code is at, and whether kproxy/ has uncommitted edits."""
+    try:
+        head = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kproxy"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    edited = [p for p in dirty if p.startswith("kproxy/")]
+    return (head or "unknown") + (f" + uncommitted edits in {', '.join(edited)}" if edited else "")
 
 
 def route_lookup(runs: int = 3) -> tuple[str, float | None]:
@@ -457,12 +503,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-2w", type=int, default=3, help="rounds with 2 workers (default 3; 0: skip)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load run (default 4)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--max-other-cpu", type=float, default=0.15,
+                        help="a round is not counted when other processes took more than this share of the "
+                             "machine's CPU during one of its runs (default 0.15; 1 counts every round)")
+    parser.add_argument("--extra-rounds", type=int, default=None,
+                        help="rounds run at most in place of those not counted (default: as many as --rounds)")
     parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "performance.png",
                         help="PNG chart to write (default docs/performance.png)")
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--no-discovery", action="store_true",
                         help="skip the discovery contestant and bench/discovery.py")
     parser.add_argument("--python-upstream", action="store_true", help="use the Python upstream even with nginx")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--rst", type=Path, help="write the tables as RST to this file (for docs/performance.rst)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
@@ -477,11 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     say(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before the run "
         "(other work on the machine lowers and scatters the absolute figures; the ratios hold better)")
+    if args.python_load:
+        os.environ["KPROXY_BENCH_NO_WRK"] = "1"
     wrk = wrk_path()
     if wrk:
         say(f"load generator: {wrk} (-t1 -c{args.connections} --latency)")
     else:
-        notes.append("wrk is not installed (Debian package `wrk`): using the built-in Python load generator, "
+        why = "--python-load" if args.python_load else "wrk is not installed (Debian package `wrk`)"
+        notes.append(f"{why}: using the built-in Python load generator (bench/loadgen.py), "
                      "which tops out far below wrk")
         say("load generator: " + notes[-1])
     env: Env | None = None
@@ -499,23 +554,28 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{why}: the upstream is the small Python one (bench/upstream.py); "
                          "the nginx reference is skipped")
             say("upstream: " + notes[-1])
-            skipped[NGINX] = "nginx is not installed"
+            skipped[NGINX] = why
         report["upstream"] = upstream.kind
         env = Env(workdir, upstream, notes=notes)
         if args.no_discovery:
             env.discovery_skip = "--no-discovery"
         else:
             setup_discovery(env)
+        report["kproxy_code"] = code_version()
+        say(f"kproxy code: {report['kproxy_code']}")
         report["discovery_commit"] = _kube.discovery_commit()
         say(f"discovery: last commit {report['discovery_commit']}")
         if env.discovery_skip:
             say(f"discovery contestant skipped: {env.discovery_skip}")
 
-        one = measure(1, ORDER, args.rounds, args.duration, args.connections, env, skipped)
+        extra = args.rounds if args.extra_rounds is None else args.extra_rounds
+        one = measure(1, ORDER, args.rounds, args.duration, args.connections, env, skipped, extra,
+                      args.max_other_cpu)
         two = Series(skipped=skipped)
         if args.rounds_2w > 0:
             two = measure(2, [k for k in ORDER if k != NGINX], args.rounds_2w, args.duration, args.connections,
-                          env, skipped)
+                          env, skipped, args.rounds_2w if args.extra_rounds is None else args.extra_rounds,
+                          args.max_other_cpu)
         say("\nmemory: idle worker on the seed config ...")
         seed_rss, seed_how = idle_seed_rss(env)
     finally:
@@ -534,24 +594,28 @@ def main(argv: list[str] | None = None) -> int:
     s1, s2 = summarize(one), summarize(two)
     say("\n" + "=" * 100)
     say(f"RESULTS  {report['command']}")
+    say(f"kproxy code: {report.get('kproxy_code', 'unknown')}")
     load_after = os.getloadavg()
     report["loadavg"] = [round(load_before[0], 2), round(load_after[0], 2)]
     say(f"machine: {os.cpu_count()} cores, 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     say(f"upstream {upstream.kind}; load {'wrk -t1' if wrk else 'Python load generator'} -c{args.connections} "
         f"-d{args.duration:g}s; gunicorn gthread x {THREADS} threads, keep-alive {KEEPALIVE} s; "
         f"ratios are medians of per-round ratios")
-    busy = [x for x in one.loadavg + two.loadavg if x > 3 * (os.cpu_count() or 1)]
-    if busy:
-        notes.append(f"the machine was busy during the run (1-minute load average up to {max(busy):.1f} on "
-                     f"{os.cpu_count()} cores): other processes took CPU from the contestants; figures of "
-                     "such rounds are low and scattered, run again on a quiet machine")
-    say(f"load average after each round: 1 worker {one.loadavg}, 2 workers {two.loadavg}")
+    for n_workers, series in ((1, one), (2, two)):
+        if series.rejected:
+            notes.append(f"{n_workers} worker(s): {len(series.rejected)} round(s) not counted, other processes "
+                         f"took up to {max(series.rejected):.0%} of the CPU during them")
+        if series.disturbed:
+            notes.append(f"{n_workers} worker(s): fewer than 3 quiet rounds, so every round was counted: the machine "
+                         "was busy with other work, figures are low and scattered; run again on a quiet machine")
+    say("CPU share other processes took, per counted round (max over its runs): "
+        f"1 worker {[f'{x:.0%}' for x in one.other]}, 2 workers {[f'{x:.0%}' for x in two.other]}")
     for n in notes:
         say(f"NOTE: {n}")
-    say(f"\n1 worker, {args.rounds} rounds:")
+    say(f"\n1 worker, {len(one.other)} rounds counted:")
     say(table(results_rows(s1, one, 1), results_header(1)))
     if s2:
-        say(f"\n2 workers, {args.rounds_2w} rounds (noisy: gunicorn may give one worker all connections):")
+        say(f"\n2 workers, {len(two.other)} rounds counted (noisy: gunicorn may give one worker all connections):")
         say(table(results_rows(s2, two, 2), results_header(2)))
     for key, why in skipped.items():
         say(f"skipped {key}: {why}")
@@ -593,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
             target_rows.append(["discovery sync and convergence (discovery issue)", "skipped", "n/a"])
     say("\n" + table(target_rows, ["target", "measured", ""]))
 
-    report.update({"notes": notes, "loadavg_rounds": [one.loadavg, two.loadavg], "skipped": skipped, "one_worker": s1, "two_workers": s2,
+    report.update({"notes": notes, "other_cpu_rounds": [one.other, two.other],
+                   "rejected_rounds": [one.rejected, two.rejected], "skipped": skipped, "one_worker": s1, "two_workers": s2,
                    "rss": {"idle_1w": one.idle_rss, "load_1w": one.load_rss, "idle_2w": two.idle_rss,
                            "load_2w": two.load_rss, "seed_idle": seed_rss, "seed_how": seed_how},
                    "route_lookup": routes_text, "route_5000_ratio": routes_ratio, "discovery": disc,
@@ -609,9 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     if args.rst:
-        parts = [f"1 worker, {args.rounds} rounds\n", rst_table(results_rows(s1, one, 1), results_header(1))]
+        parts = [f"1 worker, {len(one.other)} rounds counted\n", rst_table(results_rows(s1, one, 1), results_header(1))]
         if s2:
-            parts += [f"\n2 workers, {args.rounds_2w} rounds\n", rst_table(results_rows(s2, two, 2), results_header(2))]
+            parts += [f"\n2 workers, {len(two.other)} rounds counted\n",
+                      rst_table(results_rows(s2, two, 2), results_header(2))]
         parts += ["\nMemory\n", rst_table(mem_rows, mem_header), "\nTargets\n", rst_table(target_rows, ["target", "measured", ""])]
         args.rst.write_text("\n".join(parts) + "\n")
     say(f"\ndone in {time.monotonic() - started:.0f} s")
