@@ -28,9 +28,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("kproxy.access")
 
 
+def _now() -> str:
+    """UTC time with milliseconds; the part up to the second is formatted once a second."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second_text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = second
+    return f"{_second_text}.{int((now - second) * 1000):03d}Z"
+
+
+_second, _second_text = -1, ""
+
+
 def fields(exchange: Exchange) -> dict:
     return {
-        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": _now(),
         "client": exchange.client,
         "method": exchange.method,
         "path": exchange.path,
@@ -47,27 +61,30 @@ def fields(exchange: Exchange) -> dict:
     }
 
 
-def _text(f: dict) -> str:
-    def dash(value: object) -> str:
-        return "-" if value is None else str(value)
-    line = (f'{f["time"]} {f["client"]} "{f["method"]} {_printable(f["path"])}" {f["status"]} {f["bytes"]} '
-            f'{f["duration"]:.4f} {f["service"]} {f["api"]} {dash(f["upstream"])} {dash(f["upstream_status"])} '
-            f'{"-" if f["upstream_duration"] is None else format(f["upstream_duration"], ".4f")} rid={f["request_id"]}')
-    if f["error"]:
-        line += f' error="{_printable(f["error"])}"'
+def _text(e: Exchange) -> str:
+    # built straight from the exchange: this runs for every request
+    upstream = f"{e.node.address} {e.upstream_status}" if e.node and e.upstream_status is not None else (
+        f"{e.node.address} -" if e.node else "- -")
+    seconds = "-" if e.upstream_seconds is None else f"{e.upstream_seconds:.4f}"
+    line = (f'{_now()} {e.client} "{e.method} {_printable(e.path)}" {e.status} {e.bytes_sent} '
+            f'{time.perf_counter() - e.started:.4f} {e.service} {e.api} {upstream} {seconds} rid={e.request_id}')
+    if e.error:
+        line += f' error="{_printable(e.error)}"'
     return line
 
 
 def _printable(text: str) -> str:
     # a client controls the path: keep one request on one line, whatever it sent
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
     return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
 def observer(form: str) -> Callable[[Exchange], None]:
     """A ``Gateway`` observer that logs each exchange as ``text`` or ``json``."""
-    render = (lambda f: json.dumps(f, separators=(",", ":"))) if form == "json" else _text
+    render = (lambda e: json.dumps(fields(e), separators=(",", ":"))) if form == "json" else _text
 
     def record(exchange: Exchange) -> None:
         if log.isEnabledFor(logging.INFO):
-            log.info("%s", render(fields(exchange)))
+            log.info("%s", render(exchange))
     return record
