@@ -151,7 +151,7 @@ def test_slow_clients_do_not_starve_others(gw):
 
 
 def test_clients_vanishing_mid_request_and_mid_response_leave_nothing_pinned(gw):
-    for i in range(500):
+    for i in range(1000):  # the figure, per server
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
             if i % 2:  # half a body, then gone
                 s.sendall(b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
