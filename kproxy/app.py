@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from werkzeug.http import HTTP_STATUS_CODES
+
 from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
@@ -309,7 +311,6 @@ class Gateway:
 
     def _respond_local(self, exchange: Exchange, start_response: Callable, status: int, body: bytes,
                        content_type: str, extra_headers: list[tuple[str, str]] = ()) -> Iterable[bytes]:
-        from werkzeug.http import HTTP_STATUS_CODES
         exchange.status = status
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
                    ("X-Request-Id", exchange.request_id), *extra_headers]
