@@ -136,6 +136,8 @@ def post_worker_init(worker: Any) -> None:
     worker.header_timeout = gateway.config.gateway.client_header_timeout
     worker.body_timeout = gateway.config.gateway.client_body_timeout
     worker.send_timeout = gateway.config.gateway.client_send_timeout
+    from .memory import trim_periodically
+    trim_periodically()
     gateway.start()
     deadline = time.monotonic() + READY_WAIT
     while not gateway.ready and time.monotonic() < deadline:
