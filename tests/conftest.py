@@ -202,17 +202,24 @@ class GatewayProcess:
         self.stderr = open(self.log_dir / f"{self.kind}.stderr", "wb")
         self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=self.stdout,
                                         stderr=self.stderr, start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # never leave a half-started gateway running
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.kind} exited with {self.process.returncode}:\n{self.logs()}")
             try:
                 if session().get(self.url + "/-/healthz", timeout=2).status_code == 200:
-                    return self
+                    return
             except requests.RequestException:  # not listening yet, or slow on a busy machine
                 pass
             time.sleep(0.1)
-        self.stop()
         raise AssertionError(f"{self.kind} did not start:\n{self.logs()}")
 
     def pids(self) -> list[int]:
@@ -243,6 +250,9 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
+            for log in (getattr(self, "stdout", None), getattr(self, "stderr", None)):
+                if log is not None:
+                    log.close()
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
