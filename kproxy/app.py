@@ -235,7 +235,7 @@ class Gateway:
         failure: UpstreamFailure | None = None
         while len(tried) <= retries:
             try:
-                node = upstream.pick(exclude=tried)
+                node = upstream.pick(exclude=tried, nodes=nodes)
             except NoNodes:
                 break
             tried.append(node)

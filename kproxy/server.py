@@ -173,13 +173,8 @@ def _gateway(app: Any) -> Any:
     return app if isinstance(app, Gateway) else None
 
 
-def _config_path(server: Any) -> str | None:
-    app = server.app
-    return getattr(app, "config_path", None) or os.environ.get("KPROXY_CONFIG")
-
-
 def _reload_workers(server: Any) -> None:
-    path = _config_path(server)
+    path = os.environ.get("KPROXY_CONFIG")  # set by conf/gunicorn.conf.py and by serve()
     if not path:
         server.log.error("reload: no config path (KPROXY_CONFIG) to reload")
         return
@@ -220,10 +215,6 @@ def serve(config_path: str, listen: tuple[str, int] | None = None) -> None:
     from gunicorn.app.base import BaseApplication
 
     class ServeApplication(BaseApplication):
-        def __init__(self) -> None:
-            self.config_path = config_path
-            super().__init__()
-
         def load_config(self) -> None:
             settings = gunicorn_settings(config, listen)
             settings.update(on_starting=on_starting, when_ready=when_ready, post_fork=post_fork,

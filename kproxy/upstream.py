@@ -46,11 +46,13 @@ class Upstream:
             raise NoNodes(self.name)
         return nodes
 
-    def pick(self, exclude: Iterable[Node] = ()) -> Node:
+    def pick(self, exclude: Iterable[Node] = (), nodes: tuple[Node, ...] | None = None) -> Node:
         """The next node by smooth weighted round robin (nginx's algorithm), skipping
         ``exclude`` and ejected nodes. When every node is ejected, ejections are ignored:
-        trying a node that may have recovered beats refusing outright."""
-        nodes = self.nodes()
+        trying a node that may have recovered beats refusing outright. ``nodes``: a list
+        the caller already has from ``nodes()`` (one request, one view of the service)."""
+        if nodes is None:
+            nodes = self.nodes()
         with self._lock:
             if nodes is not self._nodes:
                 self._adopt(nodes)
