@@ -29,8 +29,8 @@ from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
 from .exchange import Exchange
-from .forward import (NO_BODY_STATUSES, BodyTooLarge, ClientDisconnected, ConnectFailed, RelayedBody, TLSPolicy,
-                      Transport, UpstreamFailure, request_headers, response_headers)
+from .forward import (NO_BODY_STATUSES, BodyTooLarge, ClientDisconnected, ConnectFailed, InvalidRequest, RelayedBody,
+                      TLSPolicy, Transport, UpstreamFailure, request_headers, response_headers)
 from .forwarded import add_forwarded_headers, client_address
 from .node import Node
 from .request import BadRequest, forward_target, request_body, request_id, routing_path, unsafe_path
@@ -245,7 +245,9 @@ class Gateway:
             sent = time.perf_counter()
             try:
                 response = self.transport.send(node, exchange.method, request_target, headers, body,
-                                               chunked, service.scheme, target.tls)
+                                               chunked, service.scheme, target.tls, replayable)
+            except InvalidRequest as e:
+                return self._error(exchange, start_response, 400, "bad_request", str(e))
             except ClientDisconnected as e:
                 exchange.error = str(e)
                 return self._error(exchange, start_response, 400, "client_disconnected", str(e))

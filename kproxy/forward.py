@@ -1,9 +1,12 @@
 """Forwarding: send one request to one node and stream the answer back.
 
 The transport is the urllib3 pool manager behind a ``requests`` ``HTTPAdapter``: one
-pool per node, shared by every thread, sized to the thread count. Requests' Session
-machinery (environment merging, cookies, hooks, redirects) is for interactive use and
-would cost a third of the throughput here, so it is not on the path::
+pool per node, shared by every thread, sized to the thread count; its connections are
+opened by urllib3 (TCP_NODELAY, TLS and its verification). The exchange on a connection
+is ``kproxy.http1``'s: what requests' Session machinery and ``http.client`` do per
+request for interactive use (environment merging, cookies, hooks, redirects, header
+parsing through the ``email`` package, headers validated twice) cost more than the rest
+of the gateway together (docs/performance.rst)::
 
     transport = Transport(pool_size=8, connect_timeout=3, read_timeout=60)
     response = transport.send(node, "GET", "/anything?x=1", headers, body=None)
@@ -12,22 +15,31 @@ would cost a third of the throughput here, so it is not on the path::
 Header rules (RFC 9110 §7.6.1): hop-by-hop headers and every header named in
 ``Connection`` are dropped in both directions (``request_headers``, ``response_headers``).
 Content encodings pass through untouched, redirects are returned, not followed.
+
+A pooled connection is checked before reuse without a system call that gives up the GIL
+(on Linux, the TCP state from ``TCP_INFO``: a node that closed it is seen); one the node
+closes at the same moment as it is reused fails before any answer, and a request that
+can be sent again (no body, idempotent method) is then sent once more on a new
+connection, as browsers and Go's HTTP client do.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from http.client import HTTPException
+import ssl
 from typing import IO, Any, Callable, Iterable, Iterator
 
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
-                                ReadTimeoutError, SSLError)
-from urllib3.util import SKIP_HEADER
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError, NewConnectionError, SSLError
+from urllib3.util.ssl_match_hostname import CertificateError
 
+from . import http1
 from .exchange import Exchange
+from .http1 import BrokenBody, ClosedEarly, InvalidRequest, InvalidResponse, timed_out
 from .node import Node
 
 log = logging.getLogger("kproxy")
@@ -36,8 +48,8 @@ HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "te", "t
                         "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
 NO_BODY_STATUSES = frozenset({204, 304})
 CHUNK_SIZE = 64 * 1024
-# Request bodies go upstream in larger pieces: urllib3 would read a file 16 KiB at a time,
-# and gunicorn, which reads ahead up to 1 MiB, copies what is left over on every read.
+# Request bodies go upstream in larger pieces: gunicorn, which reads ahead up to 1 MiB,
+# copies what is left over on every read.
 BODY_CHUNK_SIZE = 256 * 1024
 
 
@@ -74,6 +86,46 @@ class TLSPolicy:
             self.pool_kwargs = {"cert_reqs": "CERT_REQUIRED"}
 
 
+def _established(sock: socket.socket) -> bool:
+    # tcpi_state, the first byte of struct tcp_info: 1 is ESTABLISHED; a node that closed
+    # the connection left it in CLOSE_WAIT (or CLOSED after a reset). getsockopt keeps
+    # the GIL, where urllib3's poll() would give it up.
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == b"\x01"
+
+
+class _NodeConnection(HTTPConnection):
+    if hasattr(socket, "TCP_INFO"):
+        @property
+        def is_connected(self) -> bool:
+            return self.sock is not None and _established(self.sock)
+
+
+class _TLSNodeConnection(HTTPSConnection):
+    is_connected = _NodeConnection.is_connected
+
+
+class _NodePool(HTTPConnectionPool):
+    ConnectionCls = _NodeConnection
+
+
+class _TLSNodePool(HTTPSConnectionPool):
+    ConnectionCls = _TLSNodeConnection
+
+
+class UpstreamResponse(http1.Response):
+    """A response whose connection goes back to its pool when the body is done."""
+
+    __slots__ = ("_pool", "_conn")
+
+    def release_conn(self) -> None:
+        """Give the connection back: for reuse if the body was read to its end, else closed."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if not self.reusable:
+                conn.close()
+            self._pool._put_conn(conn)
+
+
 class Transport:
     """One pooled connection manager for every node; thread-safe."""
 
@@ -84,6 +136,9 @@ class Transport:
         self._adapter = HTTPAdapter(pool_connections=max_nodes, pool_maxsize=pool_size,
                                     max_retries=0, pool_block=False)
         self._pools = self._adapter.poolmanager
+        self._pools.pool_classes_by_scheme = {"http": _NodePool, "https": _TLSNodePool}
+        self._max_nodes = max_nodes
+        self._by_node: dict[tuple[str, int, str, TLSPolicy | None], HTTPConnectionPool] = {}
         self.timeout = self.timeouts(connect_timeout, read_timeout)
 
     @staticmethod
@@ -92,38 +147,97 @@ class Transport:
 
     def send(self, node: Node, method: str, target: str, headers: dict[str, str],
              body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
-             scheme: str = "http", tls: TLSPolicy | None = None) -> urllib3.BaseHTTPResponse:
-        """Send a request; the response's body is left unread for ``stream``.
+             scheme: str = "http", tls: TLSPolicy | None = None,
+             replayable: bool = False) -> UpstreamResponse:
+        """Send a request; the response's body is left unread for ``RelayedBody``.
+        ``replayable``: the request may be sent twice (no body, idempotent method).
 
-        Raises ConnectFailed when nothing was sent, ExchangeFailed afterwards."""
-        pool = self._pools.connection_from_host(node.host, node.port, scheme,
-                                                pool_kwargs=tls.pool_kwargs if tls else None)
-        # Below urlopen: it re-encodes the request-target (upper-cases %2f, encodes every
-        # '%' once one is invalid), and a gateway must send the client's bytes as they came.
-        # _get_conn/_make_request/_put_conn are the steps urlopen itself takes.
-        conn = pool._get_conn()
-        if isinstance(body, BodyReader):
-            body = iter(body)  # in BODY_CHUNK_SIZE pieces, not urllib3's 16 KiB reads
+        Raises ConnectFailed when nothing was sent, ExchangeFailed afterwards,
+        InvalidRequest for a request that cannot be written as it is."""
+        pool = self._pool(node, scheme, tls)
         try:
-            return pool._make_request(conn, method, target, body=body, headers=headers, retries=None,
-                                      timeout=self.timeout, chunked=chunked, response_conn=conn,
-                                      preload_content=False, decode_content=False)
-        except BaseException as e:
-            conn.close()
-            pool._put_conn(conn)
-            if isinstance(e, NewConnectionError):
-                raise ConnectFailed(node, "connect_refused", _reason(e)) from None
-            if isinstance(e, ConnectTimeoutError):
-                raise ConnectFailed(node, "connect_timeout", "connect timed out") from None
-            if isinstance(e, ReadTimeoutError):
+            conn = pool._get_conn()
+        except ClosedPoolError:  # the manager dropped the pool (more than max_nodes nodes)
+            pool = self._pool(node, scheme, tls, renew=True)
+            conn = pool._get_conn()
+        if isinstance(body, BodyReader):
+            body = iter(body)  # in BODY_CHUNK_SIZE pieces
+        while True:
+            reused = conn.sock is not None
+            try:
+                return self._exchange(pool, conn, node, method, target, headers, body, chunked)
+            except ClosedEarly as e:
+                conn.close()
+                if not (reused and replayable):
+                    pool._put_conn(conn)
+                    raise ExchangeFailed(node, "bad_response", str(e)) from None
+            except InvalidRequest:  # nothing was sent: the connection is as good as it was
+                pool._put_conn(conn)
+                raise
+            except BaseException:
+                conn.close()
+                pool._put_conn(conn)
+                raise
+            # the node closed the pooled connection as it was reused: once more, on a new one
+            replayable = False
+
+    def _exchange(self, pool: HTTPConnectionPool, conn: HTTPConnection, node: Node, method: str, target: str,
+                  headers: dict[str, str], body: Any, chunked: bool) -> UpstreamResponse:
+        sock = self._connected(conn, node)
+        try:
+            try:
+                http1.write_request(sock, method, target, headers, body, chunked, node.address)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the node may have answered already (a 413) and closed: read that
+            response = http1.read_response(sock, method, UpstreamResponse)
+        except InvalidResponse as e:
+            raise ExchangeFailed(node, "bad_response", str(e)) from None
+        except OSError as e:
+            if timed_out(e):
                 raise ExchangeFailed(node, "read_timeout", "read timed out") from None
-            if isinstance(e, SSLError):
+            raise ExchangeFailed(node, "bad_response", e.strerror or type(e).__name__) from None
+        response._pool, response._conn = pool, conn
+        return response
+
+    def _connected(self, conn: HTTPConnection, node: Node) -> socket.socket:
+        """The connection's socket, connected, with the read timeout set for the kernel to
+        enforce (one system call per read, where Python's timeouts add a poll to each)."""
+        read_timeout = self.timeout.read_timeout
+        if conn.sock is None:
+            conn.timeout = self.timeout.connect_timeout
+            try:
+                conn.connect()
+            except NewConnectionError as e:
+                raise ConnectFailed(node, "connect_refused", _reason(e)) from None
+            except (ConnectTimeoutError, TimeoutError):
+                raise ConnectFailed(node, "connect_timeout", "connect timed out") from None
+            except (ssl.SSLError, SSLError, CertificateError) as e:
                 raise ConnectFailed(node, "tls", f"TLS: {_reason(e)}") from None
-            if isinstance(e, (HTTPException, HTTPError, OSError)):
-                raise ExchangeFailed(node, "bad_response", _reason(e) or type(e).__name__) from None
-            raise
+            except OSError as e:
+                raise ConnectFailed(node, "connect_refused", _reason(e)) from None
+            conn.sock.settimeout(None)
+            conn.kproxy_read_timeout = None
+        sock = conn.sock
+        if conn.kproxy_read_timeout != read_timeout:
+            limit = http1.timeval(read_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            conn.kproxy_read_timeout = read_timeout
+        return sock
+
+    def _pool(self, node: Node, scheme: str, tls: TLSPolicy | None, renew: bool = False) -> HTTPConnectionPool:
+        # the manager's own lookup builds a key from every pool setting on each call
+        key = (node.host, node.port, scheme, tls)
+        pool = None if renew else self._by_node.get(key)
+        if pool is None:
+            if len(self._by_node) >= self._max_nodes:
+                self._by_node.clear()
+            pool = self._by_node[key] = self._pools.connection_from_host(
+                node.host, node.port, scheme, pool_kwargs=tls.pool_kwargs if tls else None)
+        return pool
 
     def close(self) -> None:
+        self._by_node.clear()
         self._adapter.close()
 
 
@@ -149,42 +263,27 @@ def request_headers(environ: dict, host: str | None) -> dict[str, str]:
     headers = {name: value for name, value in headers.items() if name.lower() not in dropped}
     if host is not None:
         headers["Host"] = host
-    # urllib3 would add its own User-Agent and Accept-Encoding: send only what the client sent
-    headers.setdefault("User-Agent", SKIP_HEADER)
-    headers.setdefault("Accept-Encoding", SKIP_HEADER)
     return headers
 
 
-def response_headers(response: urllib3.BaseHTTPResponse) -> list[tuple[str, str]]:
-    """End-to-end response headers, repeated ones (Set-Cookie) kept one per line."""
-    raw = response.headers
-    dropped = set(HOP_BY_HOP)
-    for value in raw.getlist("Connection"):
-        dropped.update(t.strip().lower() for t in value.split(","))
-    return [(name, value) for name, value in raw.iteritems() if name.lower() not in dropped]
-
-
-def _body_chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """The response body as it arrives (whatever one socket read gives, up to 64 KiB, so
-    event streams are not held back), still encoded. Raises BrokenBody if the upstream
-    breaks off mid-body, so that the client's connection is aborted rather than a truncated
-    body ended as if it were complete."""
-    try:
-        while chunk := response.read1(CHUNK_SIZE, decode_content=False):
-            yield chunk
-    except (ProtocolError, HTTPError, HTTPException, OSError) as e:
-        raise BrokenBody(_reason(e)) from None
-
-
-class BrokenBody(Exception):
-    """The upstream broke off mid-body."""
+def response_headers(response: http1.Response) -> list[tuple[str, str]]:
+    """End-to-end response headers in the order received, repeated ones (Set-Cookie)
+    kept one per line."""
+    fields = response.headers
+    dropped = HOP_BY_HOP
+    for name, value in fields:
+        if name.lower() == "connection":
+            dropped = dropped | {t.strip().lower() for t in value.split(",")}
+    return [(name, value) for name, value in fields if name.lower() not in dropped]
 
 
 class RelayedBody:
-    """The upstream body as a WSGI iterable. ``close`` (called by every WSGI server, also
-    when the client went away) returns the connection to the pool if the body was read to
-    the end, and drops it otherwise, so an abandoned stream never pins a pooled
-    connection."""
+    """The upstream body as a WSGI iterable: whatever one socket read gives, up to 64 KiB
+    (event streams are not held back), still encoded. ``close`` (called by every WSGI
+    server, also when the client went away) returns the connection to the pool if the
+    body was read to the end, and drops it otherwise, so an abandoned stream never pins a
+    pooled connection. An upstream that breaks off mid-body makes the client's connection
+    end too, rather than a truncated body end as if it were complete."""
 
     __slots__ = ("_response", "_exchange", "_finish", "_client", "_done")
 
@@ -196,8 +295,9 @@ class RelayedBody:
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self._exchange
+        read1 = self._response.read1
         try:
-            for chunk in _body_chunks(self._response):
+            while chunk := read1(CHUNK_SIZE):
                 exchange.bytes_sent += len(chunk)
                 yield chunk
         except BrokenBody as e:
@@ -219,9 +319,7 @@ class RelayedBody:
         if self._done:
             return
         self._done = True
-        if not self._response.isclosed():  # not read to the end: the connection cannot be reused
-            self._response.close()
-        self._response.release_conn()
+        self._response.release_conn()  # closed if not read to the end
         self._finish(self._exchange)
 
 

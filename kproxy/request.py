@@ -18,6 +18,7 @@ from .forward import BodyReader, BodyTooLarge
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PATH_SEGMENT = re.compile(r"[/\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]").search
 
 
 class BadRequest(ValueError):
@@ -37,7 +38,7 @@ def unsafe_path(path: str) -> bool:
     """Dot-segments, or control characters, in the decoded path. The path is routed as
     decoded, and upstreams that decode %2F and resolve '..' would see another path than
     the one routed: refusing these keeps routes from being bypassed."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _CONTROL(path):
         return True
     return "." in path and any(segment in (".", "..") for segment in _PATH_SEGMENT.split(path))
 

@@ -102,7 +102,8 @@ def configure_logging() -> None:
         main.setLevel(logging.INFO)
     access = logging.getLogger("kproxy.access")
     if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        from .accesslog import AccessLogHandler
+        handler = AccessLogHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(handler)
         access.setLevel(logging.INFO)
