@@ -42,6 +42,16 @@ log = logging.getLogger("kproxy")
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
+_pid = os.getpid()  # asked again after a fork, not per request (it is a system call)
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 @dataclass(frozen=True, slots=True)
 class RouteTarget:
@@ -182,7 +192,7 @@ class Gateway:
     # -- requests --
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if self._started_pid != os.getpid():
+        if self._started_pid != _pid:
             self.start()
         routes = self.routes
         gateway = routes.config.gateway

@@ -25,7 +25,9 @@ connection, as browsers and Go's HTTP client do.
 
 from __future__ import annotations
 
+import collections
 import logging
+import queue
 import socket
 import ssl
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -104,12 +106,38 @@ class _TLSNodeConnection(HTTPSConnection):
     is_connected = _NodeConnection.is_connected
 
 
+class IdleConnections:
+    """A pool's idle connections, last in first out, for a pool that never blocks
+    (``pool_block=False``): the ``queue.LifoQueue`` urllib3 uses by default takes a
+    ``Condition`` for every get and put."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._items: collections.deque[Any] = collections.deque()
+
+    def get(self, block: bool = False, timeout: float | None = None) -> Any:
+        try:
+            return self._items.pop()
+        except IndexError:
+            raise queue.Empty from None
+
+    def put(self, item: Any, block: bool = False, timeout: float | None = None) -> None:
+        if len(self._items) >= self.maxsize:
+            raise queue.Full
+        self._items.append(item)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
 class _NodePool(HTTPConnectionPool):
     ConnectionCls = _NodeConnection
+    QueueCls = IdleConnections
 
 
 class _TLSNodePool(HTTPSConnectionPool):
     ConnectionCls = _TLSNodeConnection
+    QueueCls = IdleConnections
 
 
 class UpstreamResponse(http1.Response):
@@ -247,20 +275,30 @@ def _reason(error: BaseException) -> str:
     return text.rpartition(": ")[2] or type(error).__name__
 
 
+# environ keys that never go upstream: hop-by-hop, and Expect (the server answered
+# 100 Continue itself)
+_NOT_FORWARDED = frozenset("HTTP_" + name.upper().replace("-", "_") for name in HOP_BY_HOP | {"expect"})
+_header_names: dict[str, str] = {}  # environ key -> header name, as computed once
+
+
 def request_headers(environ: dict, host: str | None) -> dict[str, str]:
     """Upstream request headers from a WSGI environ: end-to-end headers only, ``Host`` as
     given (None: the client's). X-Forwarded-* are added by the caller."""
+    named = environ.get("HTTP_CONNECTION")
+    named = {t.strip().lower() for t in named.split(",")} if named else None  # also hop-by-hop
     headers: dict[str, str] = {}
     for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            headers[key[5:].replace("_", "-").title()] = value
-    if environ.get("CONTENT_TYPE"):
-        headers["Content-Type"] = environ["CONTENT_TYPE"]
-    if environ.get("CONTENT_LENGTH"):
-        headers["Content-Length"] = environ["CONTENT_LENGTH"]
-    # hop-by-hop, named in Connection, or Expect (the server answered 100 Continue itself)
-    dropped = HOP_BY_HOP | {"expect"} | {t.strip().lower() for t in headers.get("Connection", "").split(",")}
-    headers = {name: value for name, value in headers.items() if name.lower() not in dropped}
+        if key.startswith("HTTP_") and key not in _NOT_FORWARDED:
+            name = _header_names.get(key)
+            if name is None:
+                name = key[5:].replace("_", "-").title()
+                if len(_header_names) < 1024:  # client-chosen names: bounded
+                    _header_names[key] = name
+            if named is None or name.lower() not in named:
+                headers[name] = value
+    for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
+        if environ.get(key) and (named is None or name.lower() not in named):
+            headers[name] = environ[key]
     if host is not None:
         headers["Host"] = host
     return headers

