@@ -31,23 +31,22 @@ from run import STATIC_INI, _kproxy_env, Env  # noqa: E402
 # Areas of the request path: the first pattern found in a stack (innermost frame first)
 # names the area the sample belongs to.
 AREAS = [
-    ("metrics (prometheus_client)", r"prometheus_client/"),
+    ("metrics (prometheus_client, kproxy.metrics)", r"prometheus_client/|kproxy/metrics\.py"),
     ("access log (kproxy.accesslog + logging)", r"accesslog\.py|/logging/"),
-    ("upstream: send request (urllib3/http.client)", r"_make_request|putrequest|putheader|endheaders|_send_output|"
-                                                     r"request_chunked|connection\.py.*request"),
-    ("upstream: read response head (http.client)", r"getresponse|begin \(|_read_status|parse_headers|HTTPResponse.__init__"),
-    ("upstream: pool get/put, connection check", r"_get_conn|_put_conn|is_connection_dropped|wait_for_read|"
-                                                 r"connection_from_host|connection_from_pool_key|_new_pool"),
-    ("relay body to client (stream, urllib3 read)", r"_RelayedBody|stream \(|forward\.py.*stream|response\.py"),
-    ("request headers (kproxy.forward.request_headers)", r"request_headers|_upstream_headers"),
+    ("upstream: send the request (kproxy.http1)", r"write_request|request_head"),
+    ("upstream: read the response head (kproxy.http1)", r"read_response|_parse_head|_head_end|http1\.py.*__init__"),
+    ("upstream: pool get/put, connection check", r"_get_conn|_put_conn|is_connected|_established|IdleConnections|"
+                                                 r"connection_from_host|_new_pool|_connected \(|release_conn"),
+    ("relay of the body (kproxy.forward, http1 read1)", r"RelayedBody|read1|_read_length|_read_chunked"),
+    ("request headers (kproxy.forward.request_headers)", r"request_headers"),
     ("response headers (kproxy.forward.response_headers)", r"response_headers"),
     ("routing (kproxy.routing, werkzeug map)", r"routing\.py|werkzeug/routing"),
     ("balancer (kproxy.upstream)", r"kproxy/upstream\.py"),
-    ("request id (uuid4)", r"uuid"),
-    ("kproxy.app, other", r"kproxy/app\.py"),
-    ("gunicorn: parse request", r"gunicorn/http/(message|parser|unreader|body)"),
-    ("gunicorn: WSGI environ + response write", r"gunicorn/http/wsgi|gunicorn/util"),
-    ("gunicorn: gthread loop (accept, poll, keep-alive)", r"gunicorn/workers/"),
+    ("kproxy.app, other", r"kproxy/app\.py|kproxy/request\.py|kproxy/forwarded\.py|kproxy/forward\.py"),
+    ("kproxy worker: client socket", r"kproxy/worker\.py.*(recv|sendall|_send|flush|ClientSocket)"),
+    ("gunicorn: parse the request", r"gunicorn/http/(message|parser|unreader|body)"),
+    ("gunicorn: WSGI environ, response write", r"gunicorn/http/wsgi|gunicorn/util"),
+    ("gunicorn: gthread loop (accept, poll, keep-alive)", r"gunicorn/workers/|kproxy/worker\.py"),
     ("thread pool (concurrent.futures, threading)", r"concurrent/futures|threading\.py"),
 ]
 
@@ -173,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"worker CPU under load: {user:.0f}% user + {system:.0f}% system of one core "
             f"(the GIL is released in system calls: send/recv/epoll on loopback)")
         say(f"py-spy record --rate {args.rate} {'(every non-idle thread)' if args.all_threads else '--gil'} "
-            f"for {args.duration} s\n")
+            f"for {args.duration} s")
+        if not args.all_threads:
+            taken = sum(c for _, c in parse_collapsed(raw))
+            say(f"a thread held the GIL in {taken / (args.rate * args.duration):.0%} of the sampling times "
+                f"({taken:,} of about {args.rate * args.duration:,}): the rest of the time every thread "
+                f"waited (for the upstream, a client, or to be woken)")
+        say("")
         say(analyse(parse_collapsed(raw), args.top))
         if args.raw:
             shutil.copy(raw, args.raw)

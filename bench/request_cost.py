@@ -9,7 +9,10 @@ or the Python one). Metrics are in multiprocess mode and the access log is writt
 a file, as under gunicorn. Variants, interleaved round by round:
 
 - urllib3 pool, minimal: ``pool.urlopen(..., preload_content=False)`` through the pool
-  manager of requests' ``HTTPAdapter`` and a streamed body (the floor for this stack);
+  manager of requests' ``HTTPAdapter`` and a streamed body (what requests' stack costs
+  below its Session);
+- kproxy's transport alone: ``kproxy.forward.Transport.send`` (kproxy.http1 on the same
+  pools) and a streamed body, no gateway around it (the floor for kproxy);
 - kproxy Gateway with metrics and access log (as deployed), with metrics only, with the
   access log only, and with neither.
 
@@ -100,6 +103,25 @@ def pool_app(port: int) -> Callable:
     return app
 
 
+def transport_app(port: int) -> Callable:
+    from kproxy.forward import Transport
+    from kproxy.node import Node
+    transport, node = Transport(8, 3, 60), Node("127.0.0.1", port)
+
+    def app(environ: dict, start_response: Callable) -> Any:
+        response = transport.send(node, "GET", "/anything", {"Host": environ["HTTP_HOST"]})
+        start_response(f"{response.status} {response.reason}", response.headers)
+
+        def body() -> Any:
+            try:
+                while piece := response.read1(65536):
+                    yield piece
+            finally:
+                response.release_conn()
+        return body()
+    return app
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and variant")
@@ -130,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         variants = {
             "urllib3 pool, minimal forward": (pool_app(upstream.port), None),
+            "kproxy transport alone": (transport_app(upstream.port), None),
             "kproxy: metrics + access log": (gateway, observers),
             "kproxy: metrics only": (gateway, observers[:1]),
             "kproxy: access log only": (gateway, observers[1:]),

@@ -10,7 +10,8 @@ What it does (everything on 127.0.0.1; every process it starts is stopped at the
 2. Contestants, every Python one on identical gunicorn settings (gthread, 8 threads,
    keep-alive 5 s), first with 1 worker (the headline), then with 2:
 
-   - ceiling: a hello-world WSGI app answering the same body;
+   - ceiling: a hello-world WSGI app answering the same body (and, as a reference
+     outside the targets, the same app on kproxy's own worker class);
    - peer: werkzeug's ``ProxyMiddleware`` forwarding to the upstream;
    - kproxy under gunicorn (``conf/gunicorn.conf.py``) and under ``kproxy serve``, with a
      static node; kproxy under gunicorn with the node from Kubernetes discovery (a real
@@ -59,17 +60,18 @@ from _common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, LoadRe
                      rss_mb, rst_table,
                      run_load, say, start_upstream, table, wait_http, wrk_path)
 
-CEILING, PEER = "ceiling", "peer"
+CEILING, PEER, CEILING_KW = "ceiling", "peer", "ceiling-kproxy-worker"
 KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX = "kproxy-gunicorn", "kproxy-serve", "kproxy-discovery", "nginx-proxy"
 LABELS = {
     CEILING: "ceiling: hello-world WSGI",
+    CEILING_KW: "hello-world on kproxy's worker",
     PEER: "peer: werkzeug ProxyMiddleware",
     KP_GUNICORN: "kproxy, gunicorn, static node",
     KP_SERVE: "kproxy serve, static node",
     KP_DISCOVERY: "kproxy, gunicorn, discovery node",
     NGINX: "nginx reverse proxy (reference)",
 }
-ORDER = [CEILING, PEER, KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX]
+ORDER = [CEILING, CEILING_KW, PEER, KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX]
 KPROXY = (KP_GUNICORN, KP_SERVE, KP_DISCOVERY)
 
 TARGETS = {  # from the performance issue (and the discovery issue, for bench/discovery.py)
@@ -124,8 +126,8 @@ class Env:
 
 # -- starting contestants --
 
-def _gunicorn_cmd(app: str, port: int, workers: int) -> list[str]:
-    return [PYTHON, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", str(THREADS),
+def _gunicorn_cmd(app: str, port: int, workers: int, worker_class: str = "gthread") -> list[str]:
+    return [PYTHON, "-m", "gunicorn", "-k", worker_class, "-w", str(workers), "--threads", str(THREADS),
             "--keep-alive", str(KEEPALIVE), "-b", f"127.0.0.1:{port}", "--pythonpath", str(BENCH), app]
 
 
@@ -149,6 +151,9 @@ def start_contestant(key: str, workers: int, env: Env) -> Server:
                                upstream=f"nodes = 127.0.0.1:{up.port}")
     if key == CEILING:
         proc = Proc(key, _gunicorn_cmd("_apps:hello", port, workers), log, stop_signal=signal.SIGINT)
+    elif key == CEILING_KW:  # a reference: how much of kproxy's figure its worker class makes
+        proc = Proc(key, _gunicorn_cmd("_apps:hello", port, workers, "kproxy.worker.DeadlineThreadWorker"), log,
+                    stop_signal=signal.SIGINT)
     elif key == PEER:
         proc = Proc(key, _gunicorn_cmd("_apps:peer", port, workers), log, stop_signal=signal.SIGINT,
                     env=dict(os.environ, BENCH_UPSTREAM=f"http://127.0.0.1:{up.port}/"))

@@ -103,16 +103,22 @@ class AccessLogHandler(logging.Handler):
         self._lines: list[str] = []
         self._size = 0
         self._closed = False
-        self._start_flusher()
-        os.register_at_fork(after_in_child=self._start_flusher)  # threads do not survive a fork
-
-    def _start_flusher(self) -> None:
-        self._lines, self._size = [], 0  # a forked worker writes only its own lines
         self._wake = threading.Event()
-        threading.Thread(target=self._flush_periodically, name="kproxy-access-log", daemon=True).start()
+        self._flusher: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # threads do not survive a fork; and a forked worker writes only its own lines
+        self._lines, self._size, self._wake, self._flusher = [], 0, threading.Event(), None
 
     def write(self, line: str) -> None:
         with self.lock:
+            if self._flusher is None:
+                # started by the first line, not at fork: a thread started before the
+                # gunicorn hooks hold SIGHUP back would take the signal and end the worker
+                self._flusher = threading.Thread(target=self._flush_periodically, name="kproxy-access-log",
+                                                 daemon=True)
+                self._flusher.start()
             self._lines.append(line)
             self._size += len(line) + 1
             if self._size >= self.BUFFER:

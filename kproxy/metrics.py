@@ -112,12 +112,26 @@ def _flush_periodically() -> None:
         _batch.flush()
 
 
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
 def _start_flusher() -> None:
-    threading.Thread(target=_flush_periodically, name="kproxy-metrics", daemon=True).start()
+    # started by the first request, not at import or fork: a thread started before the
+    # gunicorn hooks hold SIGHUP back would take the signal and end the new worker
+    global _flusher
+    with _flusher_lock:
+        if _flusher is None:
+            _flusher = threading.Thread(target=_flush_periodically, name="kproxy-metrics", daemon=True)
+            _flusher.start()
 
 
-_start_flusher()
-os.register_at_fork(after_in_child=_start_flusher)  # threads do not survive a fork
+def _forked() -> None:
+    global _flusher
+    _flusher = None  # threads do not survive a fork
+
+
+os.register_at_fork(after_in_child=_forked)
 atexit.register(flush)
 
 # labelled children, looked up once: ``labels()`` validates and locks on every call, which
@@ -128,6 +142,8 @@ _upstream_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 def observe(exchange: Exchange) -> None:
     """Record one finished request (a ``Gateway`` observer)."""
+    if _flusher is None:
+        _start_flusher()
     method = exchange.method if exchange.method in _METHODS else "OTHER"  # clients choose methods
     key = (exchange.service, exchange.api, method, exchange.status // 100)
     children = _request_children.get(key)

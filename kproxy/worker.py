@@ -195,6 +195,11 @@ class ClientSocket:
         return getattr(self._sock, name)
 
 
+# epoll and kqueue watch a descriptor registered while another thread waits in select();
+# poll() and select() only look at the ones registered before the call
+_POLLERS_SEEING_NEW_REGISTRATIONS = frozenset({"EpollSelector", "KqueueSelector", "DevpollSelector"})
+
+
 class _Finished:
     """A request thread's result, as ``finish_request`` reads it from a future."""
 
@@ -234,7 +239,8 @@ class DeadlineThreadWorker(ThreadWorker):
             result = self.handle(conn)
         except BaseException:
             result = False
-        if result is True and self.alive and not conn.parser.unreader.buf.getvalue():
+        if (result is True and self.alive and not conn.parser.unreader.buf.getvalue()
+                and type(self.poller).__name__ in _POLLERS_SEEING_NEW_REGISTRATIONS):
             conn.sock.setblocking(False)
             conn.set_timeout()
             self.keepalived_conns.append(conn)  # before the poller can see it readable

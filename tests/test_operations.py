@@ -185,3 +185,20 @@ def test_reload_swaps_routes_refuses_bad_config_and_drops_nothing(gateway_proces
     assert sorted(gw.pids()) == pids_before  # reloaded in place: no worker was replaced
     stderr = (gw.log_dir / f"{kind}.stderr").read_text()
     assert "[service:broken] nodes:" in stderr
+
+
+def test_a_forked_worker_starts_no_thread_before_the_gunicorn_hooks_hold_sighup_back():
+    # a thread started at fork would take a HUP sent to the new worker before its reload
+    # handler is installed, and the HUP's default action would end the worker
+    import io
+    import os
+    import threading
+
+    from kproxy import accesslog, metrics  # noqa: F401 - both act after a fork
+    handler = accesslog.AccessLogHandler(io.StringIO())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if threading.active_count() == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    handler.close()
+    assert os.waitstatus_to_exitcode(status) == 0
