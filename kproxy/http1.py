@@ -16,9 +16,9 @@ What ``http.client`` does per exchange for interactive use is not done here: its
 response head is parsed through the ``email`` package and every header is validated
 twice on the way out (docs/performance.rst). What a gateway must still do is:
 
-- a request head is written only if no name or value can end a line early (``\\r``,
-  ``\\n``, NUL) and the request-target has no space or control character
-  (``InvalidRequest``);
+- a request head is written only if the method and header names are tokens, no value can
+  end a line early (``\\r``, ``\\n``, NUL) and the request-target has no space or
+  control character (``InvalidRequest``);
 - a response head must be well-formed HTTP/1.x within 64 KiB and 100 fields; folded
   lines are unfolded (RFC 9112 §5.2), 1xx interim answers skipped, and a body length
   that cannot be trusted (an invalid or disagreeing ``Content-Length``) is refused;
@@ -47,7 +47,11 @@ MAX_LINE = 8 * 1024   # a chunk-size or trailer line
 RECV_SIZE = 64 * 1024
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_TEXT = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TOKEN_TEXT)
+# names joined with LF: a name with an LF in it passes here, and the line count check
+# of request_head refuses it
+_TOKENS = re.compile(f"{_TOKEN_TEXT}(?:\n{_TOKEN_TEXT})*")
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -93,6 +97,8 @@ def request_head(method: str, target: str, headers: Mapping[str, str], default_h
     nothing (the headers frame the body, or there is none)."""
     if _BAD_TARGET.search(target) or not target:
         raise InvalidRequest("the request-target has a space or a control character")
+    if not _TOKEN.fullmatch(method) or (headers and not _TOKENS.fullmatch("\n".join(headers))):
+        raise InvalidRequest("the method or a header name is not a token")
     lines = [f"{method} {target} HTTP/1.1"]
     if "Host" not in headers:
         lines.append(f"Host: {default_host}")

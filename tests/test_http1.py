@@ -147,6 +147,13 @@ def test_a_request_target_that_could_split_the_request_line_is_refused(target):
         http1.request_head("GET", target, {}, "node:80", None)
 
 
+@pytest.mark.parametrize("method, headers", [("GET /evil", {}), ("GET", {"X Foo": "v"}), ("GET", {"": "v"}),
+                                             ("GET", {"X-A": "1", "B:C": "2"})])
+def test_a_method_or_header_name_that_is_not_a_token_is_refused(method, headers):
+    with pytest.raises(http1.InvalidRequest):
+        http1.request_head(method, "/", headers, "node:80", None)
+
+
 def test_chunked_request_bodies_are_encoded_and_terminated():
     ours, theirs = socket.socketpair()
     with ours, theirs:
