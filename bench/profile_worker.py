@@ -43,7 +43,7 @@ AREAS = [
     ("routing (kproxy.routing, werkzeug map)", r"routing\.py|werkzeug/routing"),
     ("balancer (kproxy.upstream)", r"kproxy/upstream\.py"),
     ("kproxy.app, other", r"kproxy/app\.py|kproxy/request\.py|kproxy/forwarded\.py|kproxy/forward\.py"),
-    ("kproxy worker: client socket", r"kproxy/worker\.py.*(recv|sendall|_send|flush|ClientSocket)"),
+    ("kproxy worker: client socket reads and writes", r"ClientSocket\."),
     ("gunicorn: parse the request", r"gunicorn/http/(message|parser|unreader|body)"),
     ("gunicorn: WSGI environ, response write", r"gunicorn/http/wsgi|gunicorn/util"),
     ("gunicorn: gthread loop (accept, poll, keep-alive)", r"gunicorn/workers/|kproxy/worker\.py"),

@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         server.configure_logging()
         access_log = open(workdir / "access.log", "w")  # noqa: SIM115 - closed below
         for handler in logging.getLogger("kproxy.access").handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(access_log)
+            handler.stream = access_log  # kproxy's AccessLogHandler, as serve and gunicorn set it up
         gateway = Gateway(load(str(ini)))
         observers = list(gateway.observers)  # [metrics, access log]
 

@@ -6,6 +6,7 @@ playing answers that well-behaved servers rarely send."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -180,39 +181,39 @@ def read_all(response) -> bytes:
     return body
 
 
+@contextlib.contextmanager
+def transport_to(behaviour, read_timeout: float = 2.0):
+    """A Transport, and a raw-socket node that plays ``behaviour`` on each connection."""
+    server = RawUpstream(behaviour)
+    transport = Transport(connect_timeout=1, read_timeout=read_timeout)
+    try:
+        yield transport, Node("127.0.0.1", server.port), server
+    finally:
+        transport.close()
+        server.stop()
+
+
 def test_a_pooled_connection_is_reused():
     def keep_answering(conn: socket.socket) -> None:
         while True:
             answer_ok(conn)
             if not conn.recv(65536):
                 return
-    server = RawUpstream(keep_answering)
-    transport = Transport(connect_timeout=1, read_timeout=2)
-    try:
-        node = Node("127.0.0.1", server.port)
+    with transport_to(keep_answering) as (transport, node, server):
         for _ in range(5):
             assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
         assert server.accepted == 1
-    finally:
-        transport.close()
-        server.stop()
 
 
 def test_a_pooled_connection_the_node_closed_is_not_reused():
     def answer_then_close(conn: socket.socket) -> None:
         answer_ok(conn)
         conn.close()
-    server = RawUpstream(answer_then_close)
-    transport = Transport(connect_timeout=1, read_timeout=2)
-    try:
-        node = Node("127.0.0.1", server.port)
+    with transport_to(answer_then_close) as (transport, node, server):
         assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
         time.sleep(0.1)  # the node's FIN has arrived: the pooled connection is in CLOSE_WAIT
         assert read_all(transport.send(node, "POST", "/", {"Host": "h"}, b"x")) == b"ok"
         assert server.accepted == 2
-    finally:
-        transport.close()
-        server.stop()
 
 
 def test_a_request_that_can_be_sent_again_is_when_the_node_drops_a_reused_connection():
@@ -220,30 +221,19 @@ def test_a_request_that_can_be_sent_again_is_when_the_node_drops_a_reused_connec
         answer_ok(conn)
         conn.recv(65536)  # the next request arrives, and the node closes without answering
         conn.close()
-    server = RawUpstream(answer_once_then_drop_the_next_request)
-    transport = Transport(connect_timeout=1, read_timeout=2)
-    try:
-        node = Node("127.0.0.1", server.port)
+    with transport_to(answer_once_then_drop_the_next_request) as (transport, node, server):
         assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
         assert read_all(transport.send(node, "GET", "/", {"Host": "h"}, replayable=True)) == b"ok"
         assert server.accepted == 2
         with pytest.raises(ExchangeFailed, match="closed before any answer"):  # a POST is never sent twice
             transport.send(node, "POST", "/", {"Host": "h"}, b"x", replayable=False)
         assert server.accepted == 2
-    finally:
-        transport.close()
-        server.stop()
 
 
 def test_a_node_that_does_not_answer_in_time_is_a_read_timeout():
-    server = RawUpstream(lambda conn: conn.recv(1))
-    transport = Transport(connect_timeout=1, read_timeout=0.3)
-    try:
+    with transport_to(lambda conn: conn.recv(1), read_timeout=0.3) as (transport, node, _):
         started = time.monotonic()
         with pytest.raises(ExchangeFailed) as failure:
-            transport.send(Node("127.0.0.1", server.port), "GET", "/", {"Host": "h"})
+            transport.send(node, "GET", "/", {"Host": "h"})
         assert failure.value.kind == "read_timeout"
         assert 0.25 < time.monotonic() - started < 2
-    finally:
-        transport.close()
-        server.stop()
