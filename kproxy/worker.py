@@ -191,6 +191,9 @@ class ClientSocket:
             pass
         self._sock.close()
 
+    def fileno(self) -> int:  # asked by the poller on every park and wake-up
+        return self._sock.fileno()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
