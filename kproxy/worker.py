@@ -225,7 +225,7 @@ class DeadlineThreadWorker(ThreadWorker):
 
     def enqueue_req(self, conn: Any) -> None:
         # runs in the main thread, before the connection waits for a free thread
-        if not isinstance(conn.sock, ClientSocket) and not self.cfg.is_ssl:
+        if not isinstance(conn.sock, ClientSocket) and not self.cfg.is_ssl:  # TLS: gunicorn's own socket
             conn.sock = ClientSocket(conn.sock, self.send_timeout)  # before init(): the parser reads through it
         if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
             self._await_first_byte(conn)

@@ -106,3 +106,44 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(pair):
         for _ in range(1000):
             client.sendall(b"x" * 65536)
     assert time.monotonic() - started < 3
+
+
+def test_a_tls_listener_serves_kept_alive_requests(tmp_path, upstream):
+    # gunicorn --certfile wraps each client socket in TLS; the worker then serves it on
+    # gunicorn's own socket, without kproxy's client deadlines (kernel timeouts surface
+    # differently through TLS)
+    import subprocess
+
+    from .conftest import EchoApp, GatewayProcess, free_port, session
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    node = upstream(EchoApp("tls-listener"))
+    config = tmp_path / "kproxy.ini"
+    config.write_text(f"[service:echo]\nnodes = {node.address}\n\n[api:echo]\nservice = echo\npath = /\n")
+
+    class TLSGateway(GatewayProcess):
+        def command(self) -> list[str]:
+            return super().command() + ["--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")]
+
+        def _wait_ready(self, timeout: float) -> None:
+            self.url = f"https://127.0.0.1:{self.port}"
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    session().get(self.url + "/-/healthz", timeout=2, verify=str(tmp_path / "cert.pem"))
+                    return
+                except Exception:  # not listening yet
+                    time.sleep(0.1)
+            raise AssertionError(f"did not start:\n{self.logs()}")
+
+    gw = TLSGateway("gunicorn", config, free_port()).start()
+    try:
+        client = session()
+        client.verify = str(tmp_path / "cert.pem")
+        for _ in range(3):  # one connection, kept alive between the requests
+            response = client.get(gw.url + "/x", timeout=10)
+            assert response.status_code == 200 and response.json()["node"] == "tls-listener"
+        assert "Traceback" not in (gw.log_dir / "gunicorn.stderr").read_text()
+    finally:
+        gw.stop()
