@@ -17,10 +17,11 @@ Header rules (RFC 9110 §7.6.1): hop-by-hop headers and every header named in
 Content encodings pass through untouched, redirects are returned, not followed.
 
 A pooled connection is checked before reuse without a system call that gives up the GIL
-(on Linux, the TCP state from ``TCP_INFO``: a node that closed it is seen); one the node
-closes at the same moment as it is reused fails before any answer, and a request that
-can be sent again (no body, idempotent method) is then sent once more on a new
-connection, as browsers and Go's HTTP client do.
+(on Linux, the TCP state from ``TCP_INFO``: a node that closed it is seen), and after an
+answer without a body (HEAD, 204, 304) with urllib3's ``poll()``, which also sees a body a
+broken node sent anyway; one the node closes at the same moment as it is reused fails
+before any answer, and a request that can be sent again (no body, idempotent method) is
+then sent once more on a new connection, as browsers and Go's HTTP client do.
 """
 
 from __future__ import annotations
@@ -96,13 +97,21 @@ def _established(sock: socket.socket) -> bool:
 
 
 class _NodeConnection(HTTPConnection):
-    if hasattr(socket, "TCP_INFO"):
-        @property
-        def is_connected(self) -> bool:
-            return self.sock is not None and _established(self.sock)
+    # Set after an answer that has no body (HEAD, 204, 304): a broken node may send one
+    # anyway, later, and only urllib3's poll() sees bytes waiting on an idle connection.
+    kproxy_poll_before_reuse = False
+
+    @property
+    def is_connected(self) -> bool:
+        if self.sock is None:
+            return False
+        if self.kproxy_poll_before_reuse or not hasattr(socket, "TCP_INFO"):
+            return HTTPConnection.is_connected.fget(self)
+        return _established(self.sock)
 
 
 class _TLSNodeConnection(HTTPSConnection):
+    kproxy_poll_before_reuse = False
     is_connected = _NodeConnection.is_connected
 
 
@@ -151,6 +160,7 @@ class UpstreamResponse(http1.Response):
         if conn is not None:
             if not self.reusable:
                 conn.close()
+            conn.kproxy_poll_before_reuse = self._mode == "none"
             self._pool._put_conn(conn)
 
 

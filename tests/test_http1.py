@@ -237,3 +237,38 @@ def test_a_node_that_does_not_answer_in_time_is_a_read_timeout():
             transport.send(node, "GET", "/", {"Host": "h"})
         assert failure.value.kind == "read_timeout"
         assert 0.25 < time.monotonic() - started < 2
+
+
+def test_a_body_sent_late_after_a_head_answer_is_never_read_as_the_next_answer():
+    # a broken node answers HEAD with a body, a moment after the head: the next request
+    # must not take those bytes for its answer
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # kproxy resets the connection it dropped
+            while request := conn.recv(65536):
+                if request.startswith(b"HEAD"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+                    time.sleep(0.05)
+                    conn.sendall(b"stray-body")
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    threading.Thread(target=serve, daemon=True).start()
+    transport = Transport(connect_timeout=1, read_timeout=2)
+    try:
+        node = Node("127.0.0.1", listener.getsockname()[1])
+        head = transport.send(node, "HEAD", "/", {"Host": "h"})
+        assert read_all(head) == b""
+        time.sleep(0.2)  # the stray body has arrived on the pooled connection
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
+        assert len(accepted) == 2  # the connection with bytes waiting was not reused
+    finally:
+        transport.close()
+        listener.close()
