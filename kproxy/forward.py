@@ -96,10 +96,13 @@ def _established(sock: socket.socket) -> bool:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == b"\x01"
 
 
-class _NodeConnection(HTTPConnection):
+class _ReuseCheck:
+    """How a pooled connection is checked before reuse (mixed into urllib3's connections)."""
+
     # Set after an answer that has no body (HEAD, 204, 304): a broken node may send one
     # anyway, later, and only urllib3's poll() sees bytes waiting on an idle connection.
     kproxy_poll_before_reuse = False
+    kproxy_read_timeout: float | None = None  # what the socket's SO_RCVTIMEO/SO_SNDTIMEO say
 
     @property
     def is_connected(self) -> bool:
@@ -110,9 +113,12 @@ class _NodeConnection(HTTPConnection):
         return _established(self.sock)
 
 
-class _TLSNodeConnection(HTTPSConnection):
-    kproxy_poll_before_reuse = False
-    is_connected = _NodeConnection.is_connected
+class _NodeConnection(_ReuseCheck, HTTPConnection):
+    pass
+
+
+class _TLSNodeConnection(_ReuseCheck, HTTPSConnection):
+    pass
 
 
 class IdleConnections:

@@ -276,10 +276,6 @@ class Response:
         """The body was read to its end and the connection can carry another request."""
         return self._done and self._keep_alive
 
-    def isclosed(self) -> bool:
-        """The body was read to its end."""
-        return self._done
-
     def read1(self, size: int = RECV_SIZE) -> bytes:
         """Up to ``size`` body bytes: what is buffered, or what one read gives; ``b""`` at
         the end. Raises ``BrokenBody`` when the node breaks off or breaks the framing."""

@@ -178,18 +178,18 @@ class ClientSocket:
             raise BrokenPipeError(errno.EPIPE, "client stopped reading") from None
 
     def shutdown(self, how: int) -> None:
-        try:
-            self.flush()
-        except OSError:
-            pass
+        self._flush_quietly()
         self._sock.shutdown(how)
 
     def close(self) -> None:
+        self._flush_quietly()
+        self._sock.close()
+
+    def _flush_quietly(self) -> None:  # the connection ends anyway: a client gone is no error
         try:
             self.flush()
         except OSError:
             pass
-        self._sock.close()
 
     def fileno(self) -> int:  # asked by the poller on every park and wake-up
         return self._sock.fileno()
@@ -199,8 +199,9 @@ class ClientSocket:
 
 
 # epoll and kqueue watch a descriptor registered while another thread waits in select();
-# poll() and select() only look at the ones registered before the call
-_POLLERS_SEEING_NEW_REGISTRATIONS = frozenset({"EpollSelector", "KqueueSelector", "DevpollSelector"})
+# poll() and select() only look at the ones registered before the call. gthread's poller
+# is a selectors.DefaultSelector.
+_PARK_FROM_ANY_THREAD = selectors.DefaultSelector.__name__ in {"EpollSelector", "KqueueSelector", "DevpollSelector"}
 
 
 class _Finished:
@@ -242,8 +243,7 @@ class DeadlineThreadWorker(ThreadWorker):
             result = self.handle(conn)
         except BaseException:
             result = False
-        if (result is True and self.alive and not conn.parser.unreader.buf.getvalue()
-                and type(self.poller).__name__ in _POLLERS_SEEING_NEW_REGISTRATIONS):
+        if result is True and _PARK_FROM_ANY_THREAD and self.alive and not conn.parser.unreader.buf.getvalue():
             conn.sock.setblocking(False)
             conn.set_timeout()
             self.keepalived_conns.append(conn)  # before the poller can see it readable
