@@ -222,7 +222,12 @@ GATEWAY = (
             "kproxy/forwarded.py). Empty: none; the client is the TCP peer."),
     Setting("connect_timeout", _seconds, 3.0, "Seconds to connect to an upstream node."),
     Setting("read_timeout", _seconds, 60.0,
-            "Seconds to wait for an upstream's response headers, and between body reads."),
+            "Seconds an upstream has to send its whole response head once the request is sent, "
+            "and then each wait for body bytes (else 504)."),
+    Setting("upstream_keepalive_timeout", _seconds, 1.5,
+            "Seconds an idle pooled connection to a node may still be reused; older ones are closed. "
+            "Below the keep-alive of common servers (gunicorn 2 s, Node.js and uvicorn 5 s), so a node "
+            "never closes a connection just as kproxy reuses it."),
     Setting("threads", _count(1, 1024), 8,
             "Request threads of ``kproxy serve`` and of each gunicorn worker; also the size of "
             "each upstream connection pool."),
@@ -304,6 +309,7 @@ class GatewayConfig:
     trusted_proxies: tuple[Any, ...]
     connect_timeout: float
     read_timeout: float
+    upstream_keepalive_timeout: float
     threads: int
     workers: int
     keepalive_timeout: float
