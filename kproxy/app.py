@@ -33,7 +33,7 @@ from .forward import (NO_BODY_STATUSES, BodyTooLarge, ClientDisconnected, Connec
                       TLSPolicy, Transport, UpstreamFailure, request_headers, response_headers)
 from .forwarded import add_forwarded_headers, client_address
 from .node import Node
-from .request import BadRequest, forward_target, request_body, request_id, routing_path, unsafe_path
+from .request import BadRequest, Target, forward_target, parse_target, request_body, request_id
 from .routing import MethodNotAllowed, NoRoute, Router
 from .upstream import NoNodes, Upstream
 
@@ -104,7 +104,8 @@ class Gateway:
         self._started_pid: int | None = None
         self._lock = threading.Lock()
         gateway = config.gateway
-        self.transport = Transport(gateway.threads, gateway.connect_timeout, gateway.read_timeout)
+        self.transport = Transport(gateway.threads, gateway.connect_timeout, gateway.read_timeout,
+                                   keepalive_timeout=gateway.upstream_keepalive_timeout)
         self.routes = Routes(config, {})
         self.observers: list[Callable[[Exchange], None]] = [metrics.observe]
         if gateway.access_log:
@@ -169,6 +170,7 @@ class Gateway:
                 time.sleep(0.05)
             self.transport.timeout = Transport.timeouts(config.gateway.connect_timeout,
                                                         config.gateway.read_timeout)
+            self.transport.keepalive_timeout = config.gateway.upstream_keepalive_timeout
             self.routes = Routes(config, registries)
             self.admin = type(self.admin)(self)
         for name, registry in old.registries.items():
@@ -197,31 +199,33 @@ class Gateway:
         routes = self.routes
         gateway = routes.config.gateway
         method = environ["REQUEST_METHOD"]
-        path = routing_path(environ)
-        exchange = Exchange(method, path, client_address(environ, gateway.trusted_proxies), request_id(environ),
-                            time.perf_counter())
-        if unsafe_path(path):
-            return self._error(exchange, start_response, 400, "bad_path",
-                               "the path has a '.' or '..' segment or a control character")
+        client = client_address(environ, gateway.trusted_proxies)
+        try:
+            request = parse_target(environ)
+        except BadRequest as e:
+            exchange = Exchange(method, environ.get("PATH_INFO", ""), client, request_id(environ), time.perf_counter())
+            return self._error(exchange, start_response, 400, e.error, str(e))
+        path = request.path
+        exchange = Exchange(method, path, client, request_id(environ), time.perf_counter())
         admin_prefix = gateway.admin_prefix
         if path.startswith(admin_prefix):
             answer = self.admin.handle(environ, path[len(admin_prefix):], exchange)
             if answer is not None:
                 return self._respond_local(exchange, start_response, *answer)
         try:
-            target = routes.router.match(environ.get("HTTP_HOST"), path, method)
+            target = routes.router.match(request.host, path, method)
         except NoRoute:
             if self.fallback is not None:
                 return self.fallback(environ, start_response)
             return self._error(exchange, start_response, 404, "route_not_found",
-                               f"no route for host {environ.get('HTTP_HOST', '')!r} and path {path!r}")
+                               f"no route for host {request.host or ''!r} and path {path!r}")
         except MethodNotAllowed as e:
             return self._error(exchange, start_response, 405, "method_not_allowed",
                                f"{method} is not allowed here", [("Allow", ", ".join(e.allowed))])
         exchange.service, exchange.api = target.service.name, target.api
-        return self._forward(environ, start_response, target, exchange, routes)
+        return self._forward(environ, start_response, target, request, exchange, routes)
 
-    def _forward(self, environ: dict, start_response: Callable, target: RouteTarget,
+    def _forward(self, environ: dict, start_response: Callable, target: RouteTarget, request: Target,
                  exchange: Exchange, routes: Routes) -> Iterable[bytes]:
         service = target.service
         upstream = target.upstream
@@ -230,17 +234,25 @@ class Gateway:
         except NoNodes:
             return self._no_upstream(exchange, start_response, service, routes)
         try:
-            body, chunked = request_body(environ, routes.config.gateway.max_body_size)
+            request_target = forward_target(request, target.strip)
+            body, length = request_body(environ, routes.config.gateway.max_body_size)
         except BadRequest as e:
-            return self._error(exchange, start_response, 400, "bad_request", str(e))
+            return self._error(exchange, start_response, 400, e.error, str(e))
         except BodyTooLarge as e:
             return self._error(exchange, start_response, 413, "body_too_large", str(e))
         replayable = body is None and exchange.method in IDEMPOTENT
         retries = service.retries if service.retries is not None else len(nodes) - 1
-        headers = request_headers(environ, service.upstream_host if service.pass_host == "rewrite" else None)
-        add_forwarded_headers(headers, environ, routes.config.gateway.trusted_proxies)
+        headers = request_headers(environ)
+        if service.pass_host == "rewrite":
+            headers["Host"] = service.upstream_host
+        elif request.host is not None:
+            headers["Host"] = request.host
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        chunked = body is not None and length is None
+        add_forwarded_headers(headers, environ, routes.config.gateway.trusted_proxies, request.host,
+                              exchange.client)
         headers["X-Request-Id"] = exchange.request_id
-        request_target = forward_target(environ, target.strip)
         tried: list[Node] = []
         failure: UpstreamFailure | None = None
         while len(tried) <= retries:

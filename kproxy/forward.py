@@ -31,6 +31,8 @@ import logging
 import queue
 import socket
 import ssl
+import sys
+import time
 from typing import IO, Any, Callable, Iterable, Iterator
 
 import urllib3
@@ -89,28 +91,41 @@ class TLSPolicy:
             self.pool_kwargs = {"cert_reqs": "CERT_REQUIRED"}
 
 
-def _established(sock: socket.socket) -> bool:
-    # tcpi_state, the first byte of struct tcp_info: 1 is ESTABLISHED; a node that closed
-    # the connection left it in CLOSE_WAIT (or CLOSED after a reset). getsockopt keeps
-    # the GIL, where urllib3's poll() would give it up.
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == b"\x01"
+_SO_MEMINFO = 55  # Linux: the socket's memory use; its first field is what waits to be read
+
+
+def _idle(sock: socket.socket) -> bool:
+    """The connection is open and nothing waits on it unread. tcpi_state, the first byte of
+    struct tcp_info, is 1 for ESTABLISHED (a node that closed the connection left it in
+    CLOSE_WAIT, or CLOSED after a reset); bytes a node sent after a complete answer wait in
+    the receive queue, and would be read as the answer to the next request. getsockopt
+    keeps the GIL, where urllib3's poll() would give it up."""
+    return (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == b"\x01"
+            and sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4) == b"\0\0\0\0")
+
+
+_CHECK_BY_SOCKOPT = sys.platform == "linux" and hasattr(socket, "TCP_INFO")
 
 
 class _ReuseCheck:
-    """How a pooled connection is checked before reuse (mixed into urllib3's connections)."""
+    """How a pooled connection is checked before reuse (mixed into urllib3's connections):
+    reused only while it is younger than ``upstream_keepalive_timeout`` (so the node, whose
+    keep-alive is longer, never closes it just as kproxy sends on it), open, and with
+    nothing unread on it."""
 
-    # Set after an answer that has no body (HEAD, 204, 304): a broken node may send one
-    # anyway, later, and only urllib3's poll() sees bytes waiting on an idle connection.
-    kproxy_poll_before_reuse = False
     kproxy_read_timeout: float | None = None  # what the socket's SO_RCVTIMEO/SO_SNDTIMEO say
+    kproxy_reuse_until = 0.0  # time.monotonic() past which the idle connection is not reused
 
     @property
     def is_connected(self) -> bool:
-        if self.sock is None:
+        sock = self.sock
+        if sock is None or time.monotonic() > self.kproxy_reuse_until:
             return False
-        if self.kproxy_poll_before_reuse or not hasattr(socket, "TCP_INFO"):
-            return HTTPConnection.is_connected.fget(self)
-        return _established(self.sock)
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        if _CHECK_BY_SOCKOPT:
+            return _idle(sock)
+        return HTTPConnection.is_connected.fget(self)  # poll(): readable means dropped or dirty
 
 
 class _NodeConnection(_ReuseCheck, HTTPConnection):
@@ -158,15 +173,16 @@ class _TLSNodePool(HTTPSConnectionPool):
 class UpstreamResponse(http1.Response):
     """A response whose connection goes back to its pool when the body is done."""
 
-    __slots__ = ("_pool", "_conn")
+    __slots__ = ("_pool", "_conn", "_keepalive")
 
     def release_conn(self) -> None:
         """Give the connection back: for reuse if the body was read to its end, else closed."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            if not self.reusable:
+            if self.reusable:
+                conn.kproxy_reuse_until = time.monotonic() + self._keepalive
+            else:
                 conn.close()
-            conn.kproxy_poll_before_reuse = self._mode == "none"
             self._pool._put_conn(conn)
 
 
@@ -174,7 +190,7 @@ class Transport:
     """One pooled connection manager for every node; thread-safe."""
 
     def __init__(self, pool_size: int = 8, connect_timeout: float = 3.0, read_timeout: float = 60.0,
-                 max_nodes: int = 1024):
+                 max_nodes: int = 1024, keepalive_timeout: float = 1.5):
         # pool_block=False: a burst beyond pool_size opens extra connections rather than
         # queueing requests behind a lock; only pool_size are kept for reuse.
         self._adapter = HTTPAdapter(pool_connections=max_nodes, pool_maxsize=pool_size,
@@ -184,6 +200,7 @@ class Transport:
         self._max_nodes = max_nodes
         self._by_node: dict[tuple[str, int, str, TLSPolicy | None], HTTPConnectionPool] = {}
         self.timeout = self.timeouts(connect_timeout, read_timeout)
+        self.keepalive_timeout = keepalive_timeout  # upstream_keepalive_timeout
 
     @staticmethod
     def timeouts(connect: float, read: float) -> urllib3.Timeout:
@@ -233,14 +250,14 @@ class Transport:
                 http1.write_request(sock, method, target, headers, body, chunked, node.address)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node may have answered already (a 413) and closed: read that
-            response = http1.read_response(sock, method, UpstreamResponse)
+            response = http1.read_response(sock, method, UpstreamResponse, self.timeout.read_timeout)
         except InvalidResponse as e:
             raise ExchangeFailed(node, "bad_response", str(e)) from None
         except OSError as e:
             if timed_out(e):
                 raise ExchangeFailed(node, "read_timeout", "read timed out") from None
             raise ExchangeFailed(node, "bad_response", e.strerror or type(e).__name__) from None
-        response._pool, response._conn = pool, conn
+        response._pool, response._conn, response._keepalive = pool, conn, self.keepalive_timeout
         return response
 
     def _connected(self, conn: HTTPConnection, node: Node) -> socket.socket:
@@ -291,17 +308,29 @@ def _reason(error: BaseException) -> str:
     return text.rpartition(": ")[2] or type(error).__name__
 
 
-# environ keys that never go upstream: hop-by-hop, and Expect (the server answered
-# 100 Continue itself)
-_NOT_FORWARDED = frozenset("HTTP_" + name.upper().replace("-", "_") for name in HOP_BY_HOP | {"expect"})
+# environ keys that never go upstream: hop-by-hop, Expect (the server answered
+# 100 Continue itself), and what kproxy writes itself: the framing (from the body it
+# read) and the Host (what pass_host says)
+_NOT_FORWARDED = frozenset("HTTP_" + name.upper().replace("-", "_")
+                           for name in HOP_BY_HOP | {"expect", "host", "content-length"})
+# Connection may name any header as hop-by-hop, but not these: dropping the framing would
+# send the body unframed (the upstream parses it as requests of its own), and the Host
+# is not the client's to take away (RFC 9110 §7.6.1 lets a proxy refuse or ignore them)
+_NEVER_HOP_BY_HOP = frozenset({"content-length", "transfer-encoding", "host"})
 _header_names: dict[str, str] = {}  # environ key -> header name, as computed once
 
 
-def request_headers(environ: dict, host: str | None) -> dict[str, str]:
-    """Upstream request headers from a WSGI environ: end-to-end headers only, ``Host`` as
-    given (None: the client's). X-Forwarded-* are added by the caller."""
-    named = environ.get("HTTP_CONNECTION")
-    named = {t.strip().lower() for t in named.split(",")} if named else None  # also hop-by-hop
+def connection_tokens(value: str | None) -> frozenset[str]:
+    """The header names a ``Connection`` value makes hop-by-hop, lower-case."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",")) - _NEVER_HOP_BY_HOP
+
+
+def request_headers(environ: dict) -> dict[str, str]:
+    """Upstream request headers from a WSGI environ: end-to-end headers only, without
+    Host and the framing, which the caller sets."""
+    named = connection_tokens(environ.get("HTTP_CONNECTION"))
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_") and key not in _NOT_FORWARDED:
@@ -310,24 +339,25 @@ def request_headers(environ: dict, host: str | None) -> dict[str, str]:
                 name = key[5:].replace("_", "-").title()
                 if len(_header_names) < 1024:  # client-chosen names: bounded
                     _header_names[key] = name
-            if named is None or name.lower() not in named:
+            if not named or name.lower() not in named:
                 headers[name] = value
-    for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
-        if environ.get(key) and (named is None or name.lower() not in named):
-            headers[name] = environ[key]
-    if host is not None:
-        headers["Host"] = host
+    if environ.get("CONTENT_TYPE") and "content-type" not in named:
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
     return headers
 
 
 def response_headers(response: http1.Response) -> list[tuple[str, str]]:
     """End-to-end response headers in the order received, repeated ones (Set-Cookie)
-    kept one per line."""
+    kept one per line. ``Content-Length`` goes to the client only as kproxy framed the
+    body itself: a length the body was not framed by (one next to Transfer-Encoding) would
+    make the client hang or misframe."""
     fields = response.headers
     dropped = HOP_BY_HOP
     for name, value in fields:
         if name.lower() == "connection":
-            dropped = dropped | {t.strip().lower() for t in value.split(",")}
+            dropped = dropped | connection_tokens(value)
+    if not response.framed_by_length:
+        dropped = dropped | {"content-length"}
     return [(name, value) for name, value in fields if name.lower() not in dropped]
 
 

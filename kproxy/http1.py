@@ -38,6 +38,7 @@ import re
 import socket
 import ssl
 import struct
+import time
 from typing import IO, Iterable, Mapping
 
 MAX_HEAD = 64 * 1024
@@ -53,6 +54,7 @@ _TOKEN = re.compile(_TOKEN_TEXT)
 # of request_head refuses it
 _TOKENS = re.compile(f"{_TOKEN_TEXT}(?:\n{_TOKEN_TEXT})*")
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_CONTROL_IN_HEAD = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]").search  # LF ends lines
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -149,37 +151,52 @@ def _chunk(data: bytes) -> bytes:
 
 # -- the response --
 
-def read_response(sock: socket.socket, method: str, response_class: type[Response] | None = None) -> Response:
-    """Read the final response head (skipping 1xx) and frame its body. Raises
+def read_response(sock: socket.socket, method: str, response_class: type[Response] | None = None,
+                  timeout: float | None = None) -> Response:
+    """Read the final response head (skipping 1xx) and frame its body. ``timeout`` bounds
+    the whole head, however slowly it trickles in; the socket's own timeout (which the
+    caller set to the same value) then bounds each wait for body bytes. Raises
     ``ClosedEarly`` if the connection closes before any byte, ``InvalidResponse`` for a head
-    kproxy will not relay, and the socket's errors."""
+    kproxy will not relay, ``TimeoutError`` past the deadline, and the socket's errors."""
     buffer = b""
     received = False
-    for _ in range(MAX_INTERIM + 1):
-        while not (end := _head_end(buffer)):
-            if len(buffer) > MAX_HEAD:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shortened = False  # SO_RCVTIMEO lowered to what is left of the deadline
+    try:
+        for _ in range(MAX_INTERIM + 1):
+            while not (end := _head_end(buffer)):
+                if len(buffer) > MAX_HEAD:
+                    raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
+                if received and deadline is not None:  # a head in pieces: what is left of it
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("response head timed out")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(left))
+                    shortened = True
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except ConnectionResetError:
+                    if received:
+                        raise
+                    raise ClosedEarly("connection reset before any answer") from None
+                if not data:
+                    if received:
+                        raise InvalidResponse("connection closed in the middle of the response head")
+                    raise ClosedEarly("connection closed before any answer")
+                received = True
+                buffer += data
+            if end[0] > MAX_HEAD:
                 raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
-            try:
-                data = sock.recv(RECV_SIZE)
-            except ConnectionResetError:
-                if received:
-                    raise
-                raise ClosedEarly("connection reset before any answer") from None
-            if not data:
-                if received:
-                    raise InvalidResponse("connection closed in the middle of the response head")
-                raise ClosedEarly("connection closed before any answer")
-            received = True
-            buffer += data
-        if end[0] > MAX_HEAD:
-            raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
-        head, buffer = buffer[:end[0]], buffer[end[1]:]
-        response = (response_class or Response)(sock, method, *_parse_head(head), buffer)
-        if not 100 <= response.status < 200:
-            return response
-        if response.status == 101:
-            raise InvalidResponse("101 Switching Protocols to a request that asked for no upgrade")
-    raise InvalidResponse(f"more than {MAX_INTERIM} interim (1xx) answers")
+            head, buffer = buffer[:end[0]], buffer[end[1]:]
+            response = (response_class or Response)(sock, method, *_parse_head(head), buffer)
+            if not 100 <= response.status < 200:
+                return response
+            if response.status == 101:
+                raise InvalidResponse("101 Switching Protocols to a request that asked for no upgrade")
+        raise InvalidResponse(f"more than {MAX_INTERIM} interim (1xx) answers")
+    finally:
+        if shortened:  # each wait for body bytes gets the whole timeout again
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
 
 
 def _head_end(buffer: bytes) -> tuple[int, int] | None:
@@ -199,8 +216,8 @@ def _parse_head(head: bytes) -> tuple[int, int, str, list[tuple[str, str]], list
     """Version, status, reason, the fields, and the fields that frame the body (lower-case
     names). Works on the head as text: latin-1 maps each byte to one character."""
     text = head.decode("latin-1").replace("\r\n", "\n")
-    if "\r" in text or "\0" in text:
-        raise InvalidResponse("a response header has a CR or NUL in its value")
+    if _CONTROL_IN_HEAD(text):  # RFC 9110 §5.5: a field value has no control but HTAB
+        raise InvalidResponse("a response header has a control character in it")
     lines = text.split("\n")
     status_line = _STATUS_LINE.fullmatch(lines[0])
     if status_line is None:
@@ -234,7 +251,7 @@ def _parse_head(head: bytes) -> tuple[int, int, str, list[tuple[str, str]], list
 class Response:
     """A response head, and its body still on the socket (``read1``)."""
 
-    __slots__ = ("status", "reason", "version", "headers", "_sock", "_buffer", "_pos", "_mode", "_left",
+    __slots__ = ("status", "reason", "version", "headers", "framed_by_length", "_sock", "_buffer", "_pos", "_mode", "_left",
                  "_chunk_ended", "_done", "_keep_alive")
 
     def __init__(self, sock: socket.socket, method: str, version: int, status: int, reason: str,
@@ -253,21 +270,28 @@ class Response:
                 codings.extend(t.strip().lower() for t in value.split(","))
         self._keep_alive = "close" not in connection and (version == 11 or "keep-alive" in connection)
         self._left, self._chunk_ended = 0, False
+        if len(lengths) > 1:  # nginx and Envoy refuse them too, even when they agree
+            raise InvalidResponse("more than one Content-Length")
+        if lengths and not (lengths[0].isdigit() and lengths[0].isascii()):
+            raise InvalidResponse(f"invalid Content-Length {lengths[0][:40]!r}")
+        if codings and codings != ["chunked"]:
+            # a transfer coding kproxy would have to undo (gzip, ...) or a repeated chunked
+            raise InvalidResponse(f"Transfer-Encoding {', '.join(codings)[:40]!r} is not chunked")
+        self.framed_by_length = not codings
         if method == "HEAD" or status < 200 or status in _NO_BODY_STATUSES:
             self._mode = "none"
         elif codings:
             # Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); a message with
-            # both, or with a final coding other than chunked, ends with the connection
-            self._mode = "chunked" if codings[-1] == "chunked" else "close"
-            if lengths or self._mode == "close":
+            # both is relayed without the length, and its connection is not reused
+            self._mode = "chunked"
+            if lengths:
                 self._keep_alive = False
         elif lengths:
-            if not all(v.isdigit() and v.isascii() for v in lengths) or len(set(map(int, lengths))) != 1:
-                raise InvalidResponse(f"invalid Content-Length {', '.join(lengths)!r}")
             self._mode, self._left = "length", int(lengths[0])
         else:
             self._mode = "close"
             self._keep_alive = False
+            self.framed_by_length = False
         if self._mode == "none" or (self._mode == "length" and self._left == 0):
             self._end()
 
