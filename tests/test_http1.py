@@ -94,6 +94,45 @@ def test_transfer_encoding_wins_over_content_length_and_the_connection_is_not_re
     assert body == [b"ok"] and not response.reusable
 
 
+def test_an_answer_with_both_framings_reaches_the_client_without_the_stale_length():
+    from kproxy.forward import response_headers
+    response, body = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+                              b"2\r\nok\r\n0\r\n\r\n")
+    assert body == [b"ok"] and not response.reusable
+    assert response_headers(response) == [("X-A", "1")]  # the server frames it anew
+    response, _ = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert response_headers(response) == [("Content-Length", "2")]
+    response, _ = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", method="HEAD")
+    assert response_headers(response) == [("Content-Length", "7")]  # HEAD: the length of a GET's body
+
+
+def test_a_trickled_head_times_out_at_the_deadline_not_per_read():
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, http1.timeval(0.6))  # as the transport sets it
+
+    def trickle() -> None:
+        for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"s" * 1000:
+            if stop.wait(0.05):
+                return
+            theirs.send(bytes([byte]))
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError) as error:
+            http1.read_response(ours, "GET", timeout=0.6)
+        assert http1.timed_out(error.value)
+        assert time.monotonic() - started < 0.6 + 0.5  # each byte came well within 0.6 s
+        # and the body waits get the whole timeout again
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == http1.timeval(0.6)
+    finally:
+        stop.set()
+        writer.join()
+        ours.close()
+        theirs.close()
+
+
 def test_bytes_after_a_complete_answer_make_the_connection_unusable():
     response, body = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
     assert body == [b"ok"] and not response.reusable
@@ -105,6 +144,13 @@ def test_bytes_after_a_complete_answer_make_the_connection_unusable():
     b"HTTP/1.1 20 OK\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",  # duplicates, even equal
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",  # a coding kproxy cannot undo
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Control: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Control: a\x7fb\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 O\x1bK\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n folded first\r\n\r\n",
@@ -237,6 +283,36 @@ def test_a_node_that_does_not_answer_in_time_is_a_read_timeout():
             transport.send(node, "GET", "/", {"Host": "h"})
         assert failure.value.kind == "read_timeout"
         assert 0.25 < time.monotonic() - started < 2
+
+
+def test_bytes_a_node_sends_after_a_complete_answer_are_never_read_as_the_next_answer():
+    # late bytes: they arrive after kproxy read a whole answer and pooled the connection
+    def answer_then_send_more(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        time.sleep(0.05)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+        conn.recv(65536)  # until kproxy closes it
+    with transport_to(answer_then_send_more) as (transport, node, server):
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"first"
+        time.sleep(0.2)
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"first"
+        assert server.accepted == 2
+
+
+def test_an_idle_connection_older_than_the_keepalive_timeout_is_not_reused():
+    def keep_answering(conn: socket.socket) -> None:
+        while True:
+            answer_ok(conn)
+            if not conn.recv(65536):
+                return
+    with transport_to(keep_answering) as (transport, node, server):
+        transport.keepalive_timeout = 0.3
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
+        assert server.accepted == 1
+        time.sleep(0.5)  # idle past upstream_keepalive_timeout: the node might close it any moment
+        assert read_all(transport.send(node, "GET", "/", {"Host": "h"})) == b"ok"
+        assert server.accepted == 2
 
 
 def test_a_body_sent_late_after_a_head_answer_is_never_read_as_the_next_answer():

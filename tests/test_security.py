@@ -187,3 +187,89 @@ def test_https_upstreams_are_verified(tmp_path, echo, https_node, tls, expected)
             assert "TLS" in response.json()["message"] or "certificate" in response.json()["message"].lower()
     finally:
         gw.stop()
+
+
+# -- one parse of the target and Host (kproxy/request.py), as a table --
+
+def environ_for(target: str, host: str | None = "echo.test", protocol: str = "HTTP/1.1") -> dict:
+    """What gunicorn hands over for a request line ``GET target`` (RAW_URI as sent)."""
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": target, "PATH_INFO": "/ignored", "SERVER_PROTOCOL": protocol}
+    if host is not None:
+        environ["HTTP_HOST"] = host
+    return environ
+
+
+@pytest.mark.parametrize("target, host, expected", [
+    ("/v1/public?a=1", "echo.test", ("echo.test", "/v1/public", "/v1/public", "?a=1")),
+    ("/v1/a%20b", "echo.test:8080", ("echo.test:8080", "/v1/a b", "/v1/a%20b", "")),
+    # absolute-form: any case of the scheme; its authority is the Host, whatever Host says
+    ("http://internal.example/v1/public", "echo.test", ("internal.example", "/v1/public", "/v1/public", "")),
+    ("HTTP://internal.example/v1/public", "echo.test", ("internal.example", "/v1/public", "/v1/public", "")),
+    ("hTtPs://echo.test:443/v1/x?q", None, ("echo.test:443", "/v1/x", "/v1/x", "?q")),
+    ("http://echo.test?q", "x", ("echo.test", "/", "/", "?q")),
+    ("http://[fd00::1]:80/p", None, ("[fd00::1]:80", "/p", "/p", "")),
+    ("/p", None, None),  # HTTP/1.0 without Host: routed as no host
+])
+def test_a_target_is_parsed_once_for_routing_and_forwarding(target, host, expected):
+    from kproxy.request import parse_target
+    protocol = "HTTP/1.0" if expected is None else "HTTP/1.1"
+    parsed = parse_target(environ_for(target, host, protocol))
+    assert (parsed.host, parsed.path, parsed.raw_path, parsed.query) == (expected or (None, "/p", "/p", ""))
+
+
+@pytest.mark.parametrize("target, host, error", [
+    ("/v1/public#/../../internal", "echo.test", "bad_target"),
+    ("foo://internal.example/v1/public", "echo.test", "bad_target"),
+    ("*", "echo.test", "bad_target"),
+    ("v1/public", "echo.test", "bad_target"),
+    ("http://user@internal.example/v1/public", "echo.test", "bad_host"),
+    ("/v1/public", "echo.test:@evil.example", "bad_host"),
+    ("/v1/public", "echo.test, evil.example", "bad_host"),  # two Host headers, as gunicorn joins them
+    ("/v1/public", "echo.test/x", "bad_host"),
+    ("/v1/public", "echo.test:80:80", "bad_host"),
+    ("/v1/public", "[fd00::zz]:80", "bad_host"),
+    ("/v1/public", "", "bad_host"),
+    ("/v1/public", None, "bad_host"),  # HTTP/1.1 must say a Host
+    ("/v1/public/..;/internal", "echo.test", "bad_path"),
+    ("/v1/public/.;/x", "echo.test", "bad_path"),
+    ("/v1/public/%2e%2e;x=1/internal", "echo.test", "bad_path"),
+    ("/v1/public/..%3b/internal", "echo.test", "bad_path"),
+    ("/v1/public\\..;\\internal", "echo.test", "bad_path"),
+])
+def test_targets_and_hosts_that_could_leave_the_route_are_refused(target, host, error):
+    from kproxy.request import BadRequest, parse_target
+    with pytest.raises(BadRequest) as refused:
+        parse_target(environ_for(target, host))
+    assert refused.value.error == error
+
+
+def test_a_prefix_percent_encoded_across_its_boundary_is_refused_not_forwarded_unstripped():
+    from kproxy.request import BadRequest, forward_target, parse_target
+    assert forward_target(parse_target(environ_for("/v%31/x?y")), "/v1") == "/x?y"
+    with pytest.raises(BadRequest):  # decoded, /v1/x was routed; /v1%2Fx has no boundary to cut at
+        forward_target(parse_target(environ_for("/v1%2Fx")), "/v1")
+
+
+# -- client identity: one policy for X-Forwarded-*, Forwarded and X-Real-IP --
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_identity_headers_are_rewritten_unless_a_trusted_proxy_sent_them(trusted):
+    from kproxy.forward import request_headers
+    from kproxy.forwarded import add_forwarded_headers, client_address, parse_networks
+    environ = {"REMOTE_ADDR": "127.0.0.1", "SERVER_PORT": "9080", "wsgi.url_scheme": "http",
+               "HTTP_HOST": "echo.test", "HTTP_X_FORWARDED_FOR": "203.0.113.7", "HTTP_X_REAL_IP": "10.0.0.1",
+               "HTTP_FORWARDED": 'for=10.0.0.1;host="internal"', "HTTP_X_FORWARDED_HOST": "evil.example"}
+    networks = parse_networks("127.0.0.0/8" if trusted else "")
+    headers = request_headers(environ)
+    add_forwarded_headers(headers, environ, networks, "echo.test", client_address(environ, networks))
+    assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"  # the right end is always ours
+    ours = "for=127.0.0.1;proto=http;host=echo.test"
+    if trusted:
+        assert headers["Forwarded"] == f'for=10.0.0.1;host="internal", {ours}'
+        assert headers["X-Real-Ip"] == "203.0.113.7"
+        assert headers["X-Forwarded-Host"] == "evil.example"
+    else:
+        assert headers["Forwarded"] == ours
+        assert headers["X-Real-Ip"] == "127.0.0.1"
+        assert headers["X-Forwarded-Host"] == "echo.test"
+    assert [name for name in headers if name.lower() == "x-real-ip"] == ["X-Real-Ip"]
