@@ -8,9 +8,10 @@ What it does (everything on 127.0.0.1; every process it starts is stopped in ``f
 
 1. A real etcd + kube-apiserver (``kproxy.testenv``; the cached binary, or the first-time
    build ``python -m kproxy.testenv provision`` does).
-2. ``--nodes`` (2) upstream servers, each a gunicorn (gthread, 64 threads, keep-alive 75 s:
-   kproxy's pooled upstream connections are reused, as with a production upstream; the
-   werkzeug development server closes every connection) running ``SoakUpstream``:
+2. ``--nodes`` (2) upstream servers, each a gunicorn (gthread, 64 threads, keep-alive
+   ``--upstream-keepalive``, 2 s as gunicorn's default: kproxy's pooled upstream
+   connections are reused, and the nodes close the idle ones, which kproxy must never
+   reuse as they close; the werkzeug development server closes every connection) running ``SoakUpstream``:
    ``GET /blob/N`` answers N known bytes, any other request answers the length and CRC-32
    of the body it read, and every answer names the node.
 3. A Service ``soak/soak`` (port ``http``) and one ``discovery.k8s.io/v1beta1``
@@ -144,14 +145,16 @@ def upstream_app() -> SoakUpstream:
     return SoakUpstream(os.environ.get("SOAK_NODE", "node"))
 
 
-def start_upstream(name: str, log: Path, threads: int = 64, timeout: float = 30.0) -> "Proc":
-    """An upstream node: gunicorn (gthread, 1 worker, ``threads`` threads, keep-alive 75 s,
-    so that kproxy's pooled connections are reused as with a production upstream) running
-    ``SoakUpstream`` on a free loopback port. Returns the process, with ``.port`` set."""
+def start_upstream(name: str, log: Path, threads: int = 64, timeout: float = 30.0,
+                   keepalive: float = 2.0) -> "Proc":
+    """An upstream node: gunicorn (gthread, 1 worker, ``threads`` threads, keep-alive 2 s,
+    gunicorn's default: the node closes idle pooled connections, and kproxy must never reuse
+    one it is closing) running ``SoakUpstream`` on a free loopback port. Returns the
+    process, with ``.port`` set."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["SOAK_NODE"] = name
     proc = Proc([PYTHON, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads),
-                 "--keep-alive", "75", "--worker-connections", "1000", "--no-control-socket",
+                 "--keep-alive", str(keepalive), "--worker-connections", "1000", "--no-control-socket",
                  "-b", "127.0.0.1:0", "--chdir", str(ROOT / "bench"), "soak:upstream_app()"], log, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -660,7 +663,8 @@ def soak(args: argparse.Namespace) -> int:
             say(f"cannot run: no test Kubernetes API server here: {e}")
             return 2
         for i in range(args.nodes):
-            upstreams.append(start_upstream(f"node-{i}", workdir / f"upstream-{i}.log"))
+            upstreams.append(start_upstream(f"node-{i}", workdir / f"upstream-{i}.log",
+                                            keepalive=args.upstream_keepalive))
         node_ports = {p.port for p in upstreams}
         kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         register(kube, NAMESPACE, SERVICE, sorted(node_ports))
@@ -840,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
     parser.add_argument("--threads", type=int, default=32, help="request threads per worker (32)")
     parser.add_argument("--nodes", type=int, default=2, help="upstream nodes (2)")
+    parser.add_argument("--upstream-keepalive", type=float, default=2.0,
+                        help="the nodes' keep-alive in seconds (2, gunicorn's default)")
     parser.add_argument("--client-procs", type=int, default=4, help="processes the clients run in (4)")
     parser.add_argument("--max-body", type=parse_size, default=MAX_BODY, help="largest body, e.g. 512k (5m)")
     parser.add_argument("--seed", type=int, default=1)
