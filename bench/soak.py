@@ -146,7 +146,7 @@ def upstream_app() -> SoakUpstream:
 
 
 def start_upstream(name: str, log: Path, threads: int = 64, timeout: float = 30.0,
-                   keepalive: float = 2.0) -> "Proc":
+                   keepalive: int = 2) -> "Proc":
     """An upstream node: gunicorn (gthread, 1 worker, ``threads`` threads, keep-alive 2 s,
     gunicorn's default: the node closes idle pooled connections, and kproxy must never reuse
     one it is closing) running ``SoakUpstream`` on a free loopback port. Returns the
@@ -844,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
     parser.add_argument("--threads", type=int, default=32, help="request threads per worker (32)")
     parser.add_argument("--nodes", type=int, default=2, help="upstream nodes (2)")
-    parser.add_argument("--upstream-keepalive", type=float, default=2.0,
+    parser.add_argument("--upstream-keepalive", type=int, default=2,
                         help="the nodes' keep-alive in seconds (2, gunicorn's default)")
     parser.add_argument("--client-procs", type=int, default=4, help="processes the clients run in (4)")
     parser.add_argument("--max-body", type=parse_size, default=MAX_BODY, help="largest body, e.g. 512k (5m)")
