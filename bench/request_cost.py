@@ -11,7 +11,7 @@ a file, as under gunicorn. Variants, interleaved round by round:
 - urllib3 pool, minimal: ``pool.urlopen(..., preload_content=False)`` through the pool
   manager of requests' ``HTTPAdapter`` and a streamed body (what requests' stack costs
   below its Session);
-- kproxy's transport alone: ``kproxy.forward.Transport.send`` (kproxy.http1 on the same
+- kproxy's transport alone: ``kproxy.transport.Transport.send`` (kproxy.http1 on the same
   pools) and a streamed body, no gateway around it (the floor for kproxy);
 - kproxy Gateway with metrics and access log (as deployed), with metrics only, with the
   access log only, and with neither.
@@ -104,7 +104,7 @@ def pool_app(port: int) -> Callable:
 
 
 def transport_app(port: int) -> Callable:
-    from kproxy.forward import Transport
+    from kproxy.transport import Transport
     from kproxy.node import Node
     transport, node = Transport(8, 3, 60), Node("127.0.0.1", port)
 

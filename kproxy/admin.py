@@ -10,7 +10,7 @@ path           answer                                                      who m
 =============  ==========================================================  ===============
 
 The client is the TCP peer, never a forwarded header any client can write; only behind
-``trusted_proxies`` is it taken from their ``X-Forwarded-For`` (kproxy.forwarded).
+``trusted_proxies`` is it taken from their ``X-Forwarded-For`` (kproxy.client).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 from typing import TYPE_CHECKING
 
 from . import metrics
-from .forwarded import address_in
+from .client import address_in
 
 if TYPE_CHECKING:
     from .app import Gateway

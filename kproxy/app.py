@@ -29,9 +29,12 @@ from . import accesslog, metrics
 from . import config as configmod
 from .config import Config, ServiceConfig
 from .exchange import Exchange
-from .forward import (NO_BODY_STATUSES, BodyTooLarge, ClientDisconnected, ConnectFailed, InvalidRequest, RelayedBody,
-                      TLSPolicy, Transport, UpstreamFailure, request_headers, response_headers)
-from .forwarded import add_forwarded_headers, client_address
+from .body import BodyTooLarge, ClientDisconnected, RelayedBody
+from .client import client_address
+from .headers import add_forwarded_headers, request_headers, response_headers
+from .http1 import InvalidRequest
+from .pool import TLSPolicy
+from .transport import NO_BODY_STATUSES, ConnectFailed, Transport, UpstreamFailure
 from .node import Node
 from .request import BadRequest, Target, forward_target, parse_target, request_body, request_id
 from .routing import MethodNotAllowed, NoRoute, Router

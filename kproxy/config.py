@@ -219,7 +219,7 @@ GATEWAY = (
             "Client networks that may read metrics and the discovery dump."),
     Setting("trusted_proxies", _networks, (),
             "Proxies in front of kproxy whose X-Forwarded-* headers are believed (see "
-            "kproxy/forwarded.py). Empty: none; the client is the TCP peer."),
+            "kproxy/client.py). Empty: none; the client is the TCP peer."),
     Setting("connect_timeout", _seconds, 3.0, "Seconds to connect to an upstream node."),
     Setting("read_timeout", _seconds, 60.0,
             "Seconds an upstream has to send its whole response head once the request is sent, "

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
-from .forward import BodyReader, BodyTooLarge
+from .body import BodyReader, BodyTooLarge
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PATH_SEGMENT = re.compile(r"[/\\]")

@@ -1,4 +1,4 @@
-"""Fuzzing header handling (kproxy/forward.py ``request_headers`` and ``response_headers``,
+"""Fuzzing header handling (kproxy/headers.py ``request_headers`` and ``response_headers``,
 and the heads kproxy/http1.py writes and reads).
 
 Requests come in as gunicorn hands them over: a WSGI environ with ``HTTP_*`` keys (repeated
@@ -8,7 +8,7 @@ header block on a real socket (field lines in the order received).
 
 Properties (RFC 9110 §7.6.1, CONTRACT.md "HTTP behaviour", README.rst "Forwarding"):
 
-- no hop-by-hop header (``forward.HOP_BY_HOP``) and no header named by any ``Connection``
+- no hop-by-hop header (``headers.HOP_BY_HOP``) and no header named by any ``Connection``
   token comes out, in either direction; ``Expect`` is not forwarded either (the server
   answered ``100 Continue`` itself);
 - every other header comes out with its value unchanged: repeated request fields as the
@@ -34,7 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy import http1
-from kproxy.forward import HOP_BY_HOP, request_headers, response_headers
+from kproxy.headers import HOP_BY_HOP, request_headers, response_headers
 
 # more examples for a longer run: KPROXY_FUZZ_SCALE=10 python -m pytest tests/test_fuzz_*.py
 SCALE = float(os.environ.get("KPROXY_FUZZ_SCALE", "1"))

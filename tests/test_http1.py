@@ -1,5 +1,5 @@
 """The HTTP/1.1 exchange with an upstream (kproxy/http1.py) and the transport's connection
-reuse (kproxy/forward.py): what kproxy reads and writes in place of ``http.client``.
+reuse (kproxy/transport.py, kproxy/pool.py): what kproxy reads and writes in place of ``http.client``.
 
 Upstreams here are real sockets on 127.0.0.1 (a socket pair, or a raw-socket server)
 playing answers that well-behaved servers rarely send."""
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from kproxy import http1
-from kproxy.forward import ExchangeFailed, Transport
+from kproxy.transport import ExchangeFailed, Transport
 from kproxy.node import Node
 
 from .conftest import RawUpstream
@@ -95,7 +95,7 @@ def test_transfer_encoding_wins_over_content_length_and_the_connection_is_not_re
 
 
 def test_an_answer_with_both_framings_reaches_the_client_without_the_stale_length():
-    from kproxy.forward import response_headers
+    from kproxy.headers import response_headers
     response, body = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
                               b"2\r\nok\r\n0\r\n\r\n")
     assert body == [b"ok"] and not response.reusable

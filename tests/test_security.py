@@ -254,8 +254,8 @@ def test_a_prefix_percent_encoded_across_its_boundary_is_refused_not_forwarded_u
 
 @pytest.mark.parametrize("trusted", [False, True])
 def test_identity_headers_are_rewritten_unless_a_trusted_proxy_sent_them(trusted):
-    from kproxy.forward import request_headers
-    from kproxy.forwarded import add_forwarded_headers, client_address, parse_networks
+    from kproxy.client import client_address, parse_networks
+    from kproxy.headers import add_forwarded_headers, request_headers
     environ = {"REMOTE_ADDR": "127.0.0.1", "SERVER_PORT": "9080", "wsgi.url_scheme": "http",
                "HTTP_HOST": "echo.test", "HTTP_X_FORWARDED_FOR": "203.0.113.7", "HTTP_X_REAL_IP": "10.0.0.1",
                "HTTP_FORWARDED": 'for=10.0.0.1;host="internal"', "HTTP_X_FORWARDED_HOST": "evil.example"}

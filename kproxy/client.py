@@ -20,7 +20,6 @@ and ``-Port`` it sent are passed on unchanged. That client address is the one
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Iterable, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -63,47 +62,3 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def add_forwarded_headers(headers: dict[str, str], environ: dict, trusted: Sequence[Network],
-                          host: str | None, client: str) -> None:
-    """Set the client-identity headers, as one policy (docs/security.rst):
-
-    - ``X-Forwarded-For``: the peer appended to the chain;
-    - ``Forwarded`` (RFC 7239): kproxy's element for this hop (``for`` the peer, ``host``,
-      ``proto``) appended to a trusted proxy's value, and replacing anyone else's;
-    - ``X-Real-IP``: the client address kproxy believes (``client``);
-    - ``X-Forwarded-Host``, ``-Proto``, ``-Port``: what kproxy saw, unless a trusted proxy
-      sent them.
-
-    ``host`` is the Host kproxy routed by (None: the request had none)."""
-    peer = environ.get("REMOTE_ADDR", "")
-    prior = headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    keep_theirs = peer_is_trusted(environ, trusted)
-    scheme = environ.get("wsgi.url_scheme", "http")
-    element = f"for={_node(peer)};proto={scheme}" + (f";host={_quoted(host)}" if host else "")
-    prior = headers.get("Forwarded") if keep_theirs else None
-    headers["Forwarded"] = f"{prior}, {element}" if prior else element
-    headers["X-Real-Ip"] = client
-    for name, value in (("X-Forwarded-Host", host),
-                        ("X-Forwarded-Proto", scheme),
-                        ("X-Forwarded-Port", str(environ.get("SERVER_PORT", "")))):
-        if keep_theirs and name in headers:
-            continue
-        if value is None:
-            headers.pop(name, None)
-        else:
-            headers[name] = value
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _node(address: str) -> str:
-    # RFC 7239 §6: an IPv6 node is bracketed and, with its colons, quoted
-    return f'"[{address}]"' if ":" in address else (address or "unknown")
-
-
-def _quoted(value: str) -> str:
-    return value if _TOKEN.fullmatch(value) else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
