@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from kproxy.config import parse
 from kproxy.discovery import create_registry
 from kproxy.discovery.cache import Store
-from kproxy.discovery.kubernetes import (KubernetesRegistry, _reuse, build_view, trim_endpoints,
+from kproxy.discovery.informer import Timing
+from kproxy.discovery.kubernetes import (ApiConnection, KubernetesRegistry, _reuse, build_view, trim_endpoints,
                                          trim_service, trim_slice)
 from kproxy.node import Node
 
@@ -295,3 +299,98 @@ def test_disabled_registry_starts_nothing():
     assert registry.dump()["state"] == "disabled"
     registry.stop()
 
+
+
+# -- a changed token file ends the backoff --
+
+class ProjectedVolume:
+    """A directory laid out as the kubelet writes a projected service-account volume:
+    ``token`` links to ``..data/token``, ``..data`` to a timestamped directory; a new token
+    goes into a new directory, a new link is renamed over ``..data`` (atomic), and the old
+    directory is removed (kubelet's AtomicWriter)."""
+
+    def __init__(self, root: Path, token: str):
+        self.root = root
+        root.mkdir()
+        self._writes = 0
+        self._current: Path | None = None
+        self.write(token)
+        (root / "token").symlink_to("..data/token")
+        self.path = root / "token"
+
+    def write(self, token: str) -> None:
+        self._writes += 1
+        directory = self.root / f"..2026_01_01_00_00_{self._writes:02d}.{os.getpid()}"
+        directory.mkdir()
+        (directory / "token").write_text(token)
+        link = self.root / "..data_tmp"
+        link.symlink_to(directory.name)
+        os.replace(link, self.root / "..data")
+        if self._current is not None:
+            shutil.rmtree(self._current)
+        self._current = directory
+
+
+def test_credentials_mark_sees_a_projected_volume_swap_even_with_equal_size_and_times(tmp_path):
+    volume = ProjectedVolume(tmp_path / "sa", "A" * 40)
+    api = ApiConnection(registry_config(api_server="https://127.0.0.1:1", token_file=str(volume.path)))
+    before = api.credentials_mark()
+    assert api.credentials_mark() == before  # nothing changed: no retry
+    stat = os.stat(volume.path)
+    volume.write("B" * 40)
+    os.utime(volume.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert api.credentials_mark() != before
+    assert "A" * 40 not in repr(api.credentials_mark()) and "B" * 40 not in repr(api.credentials_mark())
+    # no token file (a fixed token): nothing to watch
+    assert ApiConnection(registry_config(api_server="https://127.0.0.1:1", token=TOKEN)).credentials_mark() is None
+
+
+def failing_registry(token_file: Path) -> KubernetesRegistry:
+    """A registry whose every attempt fails (nothing listens), with a 30 s backoff from the
+    first failure on: the backoff at its cap, as after minutes of failing."""
+    config = registry_config(api_server=f"https://127.0.0.1:{closed_port()}", token_file=str(token_file),
+                             insecure_skip_tls_verify="true")
+    return KubernetesRegistry(config, timing=Timing(backoff_initial=30.0, backoff_cap=30.0))
+
+
+def attempts(registry: KubernetesRegistry) -> int:
+    return registry.dump()["informers"]["endpoints"]["errors"]
+
+
+def test_a_replaced_token_file_ends_the_backoff_at_once(tmp_path, caplog):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    volume = ProjectedVolume(tmp_path / "sa", TOKEN)
+    plain, projected = failing_registry(token_file), failing_registry(volume.path)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="kproxy"):
+            plain.start()
+            projected.start()
+            wait_until(lambda: attempts(plain) == 1 and attempts(projected) == 1)
+            time.sleep(1)  # several polls of an unchanged file: no retry
+            assert attempts(plain) == 1 and attempts(projected) == 1
+            (tmp_path / "token.new").write_text(TOKEN + "-2")
+            os.replace(tmp_path / "token.new", token_file)  # as a secret-syncing sidecar would
+            volume.write(TOKEN + "-2")                       # as the kubelet rotates a projected token
+            wait_until(lambda: attempts(plain) == 2 and attempts(projected) == 2, timeout=2)
+            # a failure right after the change starts the schedule afresh (30 s here, 0.8 s by default)
+            assert plain.dump()["informers"]["endpoints"]["backoff_step"] == 1
+        assert "the token file changed; retrying now" in caplog.text
+        assert TOKEN not in caplog.text and TOKEN not in json.dumps(plain.dump())
+    finally:
+        plain.stop()
+        projected.stop()
+
+
+def test_a_token_file_that_appears_ends_the_backoff_at_once(tmp_path):
+    token_file = tmp_path / "token"
+    registry = failing_registry(token_file)
+    try:
+        registry.start()
+        wait_until(lambda: attempts(registry) == 1)
+        assert "cannot read token_file" in registry.dump()["informers"]["endpoints"]["last_error"]
+        token_file.write_text(TOKEN)
+        wait_until(lambda: attempts(registry) == 2, timeout=2)
+        assert "refused" in registry.dump()["informers"]["endpoints"]["last_error"].lower()
+    finally:
+        registry.stop()

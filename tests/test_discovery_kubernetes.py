@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -30,7 +31,8 @@ from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
 from kproxy.testenv import KubeAPIServer
 
-from .conftest import wait_until
+from .conftest import EchoApp, UpstreamServer, session, wait_until
+from .test_discovery_informer import ProjectedVolume
 
 # short backoff so fault tests recover in about a second; the default schedule
 # (0.8 s doubling to 30 s) is checked without a server in test_discovery_informer.py
@@ -497,9 +499,9 @@ def test_apiserver_restart_keeps_last_nodes_and_resumes(kube, namespace, registr
     assert registry.dump()["state"] == "ok"
 
 
-def test_revoked_token_keeps_nodes_then_rotated_token_file_recovers(kube, namespace, registries, relay,
-                                                                     tmp_path, caplog):
-    # a Role + RoleBinding in the one watched namespace is enough RBAC
+def service_account(kube: KubeAPIServer, namespace: str) -> dict:
+    """A ServiceAccount ``sd`` allowed to list and watch discovery objects in ``namespace``
+    (a Role + RoleBinding in the one watched namespace is enough RBAC)."""
     kube.apply({"kind": "Role", "metadata": {"name": "sd", "namespace": namespace}, "rules": [
         {"apiGroups": ["", "discovery.k8s.io"], "resources": ["endpoints", "endpointslices", "services"],
          "verbs": ["list", "watch"]}]})
@@ -508,34 +510,183 @@ def test_revoked_token_keeps_nodes_then_rotated_token_file_recovers(kube, namesp
                 "roleRef": {"kind": "Role", "name": "sd", "apiGroup": "rbac.authorization.k8s.io"}})
     account = {"kind": "ServiceAccount", "metadata": {"name": "sd", "namespace": namespace}}
     kube.apply(account)
-    token_file = tmp_path / "token"
+    return account
+
+
+def revoke(kube: KubeAPIServer, account: dict, token: str) -> None:
+    """Delete the account, which revokes every token of it, and wait until the server
+    rejects ``token`` (it caches a successful authentication for 10 s)."""
+    kube.delete(account)
+    namespace = account["metadata"]["namespace"]
+    wait_until(lambda: kube.request("GET", f"/api/v1/namespaces/{namespace}/endpoints",
+                                    token=token).status_code == 401, timeout=20, interval=0.5)
+
+
+class TokenFile:
+    """A token file replaced as a secret-syncing sidecar does: a new file renamed over it."""
+
+    def __init__(self, path: Path, token: str):
+        self.path = path
+        self.write(token)
+
+    def write(self, token: str) -> None:
+        self.path.with_name(self.path.name + ".new").write_text(token)
+        os.replace(self.path.with_name(self.path.name + ".new"), self.path)
+
+
+# every failure waits 24-36 s: the backoff at its cap, as after minutes of failing, from
+# the first 401 on; a registry that waited it out would miss the 10 s bound by far. The
+# server ends each watch after 2 s (as it does after 5-10 min by default), so the next
+# request, with the revoked token, comes soon
+CAPPED = Timing(backoff_initial=30.0, backoff_cap=30.0, watch_timeout=(2, 2))
+
+
+@pytest.mark.parametrize("shape", ["file", "projected-volume"])
+def test_revoked_token_keeps_nodes_then_rotated_token_file_recovers(
+        kube, namespace, registries, tmp_path, caplog, shape):
+    """While the token is revoked the last known nodes serve; once the file holds a valid
+    token, the current endpoints are routed within 10 s, however long the backoff."""
+    account = service_account(kube, namespace)
     first = kube.create_token(namespace, "sd")
-    token_file.write_text(first)
+    tokens = TokenFile(tmp_path / "token", first) if shape == "file" else ProjectedVolume(tmp_path / "sa", first)
     kube.apply(service(namespace, "web"))
     kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")]))
     with caplog.at_level(logging.DEBUG, logger="kproxy"):
-        registry = registries(api_server=relay.url, token_file=str(token_file), ca_file=kube.ca_file,
-                              namespace_pattern=namespace)
+        registry = registries(timing=CAPPED, api_server=kube.url, token_file=str(tokens.path),
+                              ca_file=kube.ca_file, namespace_pattern=namespace)
         wait_until(lambda: registry.ready)
         assert registry.dump()["warnings"] == []
-        kube.delete(account)  # revokes every token of the account (the server caches 10 s)
-        wait_until(lambda: kube.request("GET", f"/api/v1/namespaces/{namespace}/endpoints",
-                                        token=first).status_code == 401, timeout=20, interval=0.5)
-        relay.cut()  # open watches outlive a revocation; the next connection does not
-        wait_until(lambda: registry.dump()["informers"]["endpoints"]["last_status"] == 401)
+        revoke(kube, account, first)
+        informers = lambda: registry.dump()["informers"].values()
+        wait_until(lambda: all(i["last_status"] == 401 for i in informers()))
         dump = registry.dump()
         assert dump["state"] == "degraded" and "401" in dump["informers"]["endpoints"]["last_error"]
-        assert registry.nodes(namespace, "web", "80") == nodes("127.0.0.1")
+        assert all(i["state"] == "backoff" for i in informers())
+        kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.2")]))  # unseen so far
+        assert registry.nodes(namespace, "web", "80") == nodes("127.0.0.1")  # the last known nodes stay
         kube.apply(account)
         second = kube.create_token(namespace, "sd")
-        (tmp_path / "token.new").write_text(second)
-        os.replace(tmp_path / "token.new", token_file)  # as the kubelet rotates it
-        wait_until(lambda: registry.dump()["state"] == "ok", timeout=15)
-        kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.2")]))
-        wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.2"))
+        tokens.write(second)
+        replaced = time.monotonic()
+        wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.2")
+                   and registry.dump()["state"] == "ok", timeout=10, interval=0.01)
+        elapsed = time.monotonic() - replaced
+        print(f"{shape}: the new endpoints routed {elapsed:.2f} s after the token was replaced")
+        kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.3")]))  # watching again
+        wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.3"))
         text = json.dumps(registry.dump())
+    assert "the token file changed; retrying now" in caplog.text
     for token in (first, second):
         assert token not in text and token not in caplog.text
+
+
+def test_a_watch_open_when_its_token_is_revoked_keeps_delivering(kube, namespace, registries, relay, tmp_path):
+    """What kube-apiserver v1.20 does: it authenticates a request when it starts, so a
+    watch opened before the revocation stays open and delivers every event; only new
+    requests get 401. So the open watch is left alone, and its events are routed."""
+    account = service_account(kube, namespace)
+    first = kube.create_token(namespace, "sd")
+    tokens = ProjectedVolume(tmp_path / "sa", first)
+    kube.apply(service(namespace, "web"))
+    kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")]))
+    registry = registries(api_server=relay.url, token_file=str(tokens.path), ca_file=kube.ca_file,
+                          namespace_pattern=namespace)
+    wait_until(lambda: registry.ready)
+    revoke(kube, account, first)
+    kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.2")]))
+    wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.2"), timeout=5)
+    endpoints_informer = registry.dump()["informers"]["endpoints"]
+    assert endpoints_informer["watch_restarts"] == 0 and endpoints_informer["errors"] == 0
+    assert registry.dump()["state"] == "ok"
+    # the token replaced, then the watch cut: it comes back with the new token at once
+    kube.apply(account)
+    tokens.write(kube.create_token(namespace, "sd"))
+    relay.cut()
+    kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.3")]))
+    wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.3"), timeout=10)
+    assert registry.dump()["informers"]["endpoints"]["last_status"] is None
+
+
+def discovery_by_worker(gw: Any, until: Callable[[dict[int, dict]], bool], timeout: float) -> dict[int, dict]:
+    """Ask ``/-/discovery`` over new connections (each may reach either worker) until
+    ``until`` holds for the latest registry dump of every worker seen."""
+    latest: dict[int, dict] = {}
+
+    def check() -> bool:
+        dump = session().get(gw.url + "/-/discovery", timeout=5).json()["registries"]["k"]
+        latest[dump["pid"]] = dump
+        return until(latest)
+    wait_until(check, timeout=timeout, interval=0.01)
+    return latest
+
+
+def test_every_gunicorn_worker_routes_the_new_endpoints_within_10_s_of_a_token_swap(
+        kube, namespace, relay, tmp_path, gateway_process):
+    old_node, new_node = UpstreamServer(EchoApp("old")), UpstreamServer(EchoApp("new"))
+    try:
+        account = service_account(kube, namespace)
+        first = kube.create_token(namespace, "sd")
+        tokens = ProjectedVolume(tmp_path / "sa", first)
+        kube.apply(service(namespace, "web"))
+        kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")], ports=(("http", old_node.port),)))
+        gw = gateway_process("gunicorn", f"""
+[kproxy]
+workers = 2
+
+[registry:k]
+type = kubernetes
+api_server = {relay.url}
+token_file = {tokens.path}
+ca_file = {kube.ca_file}
+namespace_pattern = {namespace}
+
+[service:web]
+host = web.test
+registry = k
+namespace = {namespace}
+service_name = web
+port = http
+
+[api:web]
+service = web
+path = /
+""")
+
+        def answered_by() -> list[str]:
+            """Which node answered 20 requests, each on a new connection (either worker)."""
+            return [session().get(gw.url + "/x", headers={"Host": "web.test"}, timeout=5).json()["node"]
+                    for _ in range(20)]
+        wait_until(lambda: answered_by() == ["old"] * 20, timeout=30)
+        discovery_by_worker(gw, lambda seen: len(seen) == 2 and all(d["state"] == "ok" for d in seen.values()), 30)
+
+        revoke(kube, account, first)
+        relay.cut()
+        # both workers fail 6 times (0.8 + 1.6 + ... + 12.8 s): each now waits 20-31 s
+        discovery_by_worker(gw, lambda seen: len(seen) == 2 and all(
+            d["informers"]["endpoints"]["backoff_step"] >= 6 and d["informers"]["endpoints"]["last_status"] == 401
+            for d in seen.values()), 60)
+        kube.apply(account)
+        second = kube.create_token(namespace, "sd")
+        tokens.write(second)
+        replaced = time.monotonic()
+        kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")], ports=(("http", new_node.port),)))
+        new_address = [f"127.0.0.1:{new_node.port}"]
+        discovery_by_worker(gw, lambda seen: len(seen) == 2 and all(
+            d["state"] == "ok" and d["services"][f"{namespace}/web"]["ports"]["80"] == new_address
+            for d in seen.values()), 10)
+        elapsed = time.monotonic() - replaced
+        print(f"gunicorn -w 2: every worker routes the new endpoints {elapsed:.2f} s after the token swap")
+        assert answered_by() == ["new"] * 20
+        old_node.stop()  # the old node dies: nothing is sent to it any more
+        assert answered_by() == ["new"] * 20
+        metrics = session().get(gw.url + "/-/metrics", timeout=5).text
+    finally:
+        old_node.stop()
+        new_node.stop()
+    gw.stop()
+    for token in (first, second):
+        assert token not in gw.logs() and token not in metrics
+    assert "the token file changed; retrying now" in gw.logs() and "Traceback" not in gw.logs()
 
 
 def test_tls_is_verified_whatever_requests_ca_bundle_says(kube, namespace, registries, monkeypatch):

@@ -15,6 +15,13 @@ list's resourceVersion, bookmarks, 410 Gone, backoff), nothing of what the objec
 ``on_error(exception)`` hears of every failure (before the backoff wait).
 ``path()`` is called before each LIST, so the consumer may pick the resource lazily (it may
 raise; that counts as a failure and is retried with backoff).
+
+A transport that has ``credentials_mark()`` (the token file's state) is asked for it before
+each attempt and, while the informer waits out a backoff, every ``credentials_poll``
+seconds: a new token is tried at once, with the backoff schedule started afresh, instead of
+after up to ``backoff_cap`` seconds. A watch that is open when its token is revoked is left
+alone: kube-apiserver v1.20 authenticates a request only when it starts, and keeps
+delivering events on an open watch after the token is rejected for new requests.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
 
 import urllib3
 
@@ -37,7 +44,8 @@ _MALFORMED: Any = object()
 
 
 class Transport(Protocol):
-    """One authenticated GET against the API server, body not yet read."""
+    """One authenticated GET against the API server, body not yet read. It may also have
+    ``credentials_mark() -> Hashable``, a cheap value that changes with the credentials."""
 
     def get(self, path: str, params: Mapping[str, str], read_timeout: float) -> urllib3.BaseHTTPResponse: ...
 
@@ -57,6 +65,8 @@ class Timing:
     watch_read_grace: float = 30.0
     list_read_timeout: float = 60.0
     page_size: int = 500
+    # how often a failing informer looks at the token file (a stat, no read)
+    credentials_poll: float = 0.25
 
 
 class Expired(Exception):
@@ -82,6 +92,8 @@ class Informer:
         self.name = name
         self.store = store
         self._transport = transport
+        self._credentials_mark: Callable[[], Hashable] | None = getattr(transport, "credentials_mark", None)
+        self._attempt_mark: Hashable = None
         self._path_fn = path
         self._on_change = on_change
         self._on_error = on_error
@@ -166,6 +178,9 @@ class Informer:
     def _run(self) -> None:
         relist = True
         while not self._stopping.is_set():
+            # taken before the request reads the token: any later change means a retry may
+            # succeed where this attempt failed
+            self._attempt_mark = self._mark()
             try:
                 if relist:
                     self._list()
@@ -215,7 +230,31 @@ class Informer:
         t = self._timing
         delay = min(t.backoff_cap, t.backoff_initial * 2 ** min(self._failures - 1, 16))
         self.state = "backoff"
-        self._stopping.wait(delay * random.uniform(0.8, 1.2))
+        self._backoff(delay * random.uniform(0.8, 1.2))
+
+    def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or until stopped, or until the credentials change."""
+        if self._credentials_mark is None:
+            self._stopping.wait(delay)
+            return
+        deadline = time.monotonic() + delay
+        while not self._stopping.wait(min(self._timing.credentials_poll, max(0.0, deadline - time.monotonic()))):
+            if self._mark() != self._attempt_mark:
+                log.info("%s: the token file changed; retrying now", self.name)
+                # a new token deserves the short schedule: a stray failure on its first try
+                # (a stale connection, a server that restarts) must not cost a capped wait
+                self._failures = 0
+                return
+            if time.monotonic() >= deadline:
+                return
+
+    def _mark(self) -> Hashable:
+        if self._credentials_mark is None:
+            return None
+        try:
+            return self._credentials_mark()
+        except Exception:  # a mark is only a hint to retry early; never a reason to stop
+            return None
 
     def _succeeded(self) -> None:
         if self._healthy_since is None:

@@ -30,10 +30,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping
 from urllib.parse import urlencode
 
 import urllib3
@@ -86,7 +87,8 @@ class ApiConnection:
     requests go through its urllib3 pool unparsed (``preload_content=False``) because its
     models cost four times the CPU and twice the memory on large lists. The bearer token
     is read from ``token_file`` on every request (a watch is one request per reconnect) and
-    again after a 401, so rotated service-account tokens work without a restart.
+    again after a 401, so rotated service-account tokens work without a restart;
+    ``credentials_mark()`` lets a failing informer see the file change and retry at once.
     """
 
     def __init__(self, config: RegistryConfig, connect_timeout: float = 10.0):
@@ -94,7 +96,8 @@ class ApiConnection:
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._client: Any = None  # kubernetes.client.ApiClient, built on first use
-        self._token_file = config.token_file
+        in_cluster = not config.kubeconfig and not config.api_server
+        self._token_file = config.token_file or (SERVICE_ACCOUNT_TOKEN if in_cluster and not config.token else None)
         self.tokens: list[str] = []  # recently used tokens, so error texts can be scrubbed
 
     def _api_client(self) -> Any:
@@ -117,11 +120,8 @@ class ApiConnection:
             c.host = config.api_server
         else:
             from kubernetes.config.incluster_config import InClusterConfigLoader
-            token_file = config.token_file or SERVICE_ACCOUNT_TOKEN
-            InClusterConfigLoader(token_filename=token_file,
+            InClusterConfigLoader(token_filename=config.token_file or SERVICE_ACCOUNT_TOKEN,
                                   cert_filename=config.ca_file or SERVICE_ACCOUNT_CA).load_and_set(c)
-            if not config.token:
-                self._token_file = token_file
         # only the registry's own settings decide verification: urllib3 never reads
         # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, and no ca_file means the system CAs
         if config.ca_file:
@@ -151,6 +151,23 @@ class ApiConnection:
         if token not in self.tokens:
             self.tokens = (self.tokens + [token])[-4:]
         return f"Bearer {token}"
+
+    def credentials_mark(self) -> Hashable:
+        """Changes whenever ``token_file`` may hold another token; None without a file.
+
+        Only a stat and a symlink walk, never a read, so a failing informer can ask several
+        times a second. The file's identity, size and times catch a rewrite or a rename over
+        it; the resolved path catches a Kubernetes projected volume, where ``token`` links to
+        ``..data/token`` and the kubelet swaps the ``..data`` link to a new directory.
+        """
+        if not self._token_file:
+            return None
+        try:
+            st = os.stat(self._token_file)
+            return (os.path.realpath(self._token_file), st.st_dev, st.st_ino, st.st_size,
+                    st.st_mtime_ns, st.st_ctime_ns)
+        except OSError as e:  # absent or unreadable now: appearing later is a change too
+            return ("unreadable", e.errno)
 
     def get(self, path: str, params: Mapping[str, str], read_timeout: float) -> urllib3.BaseHTTPResponse:
         client = self._api_client()
@@ -598,6 +615,7 @@ class KubernetesRegistry:
         warnings = list(self._warnings.values())
         return {
             "name": c.name, "type": self.type, "state": self.state, "ready": self.ready,
+            "pid": os.getpid(),  # each gunicorn worker has its own registry: say whose this is
             "config": {
                 "api_server": c.api_server, "kubeconfig": c.kubeconfig, "context": c.context,
                 "auth": ("token_file" if c.token_file else "token" if c.token else
