@@ -80,8 +80,10 @@ def add_forwarded_headers(headers: dict[str, str], environ: dict, trusted: Seque
     """Set the client-identity headers, as one policy (docs/security.rst):
 
     - ``X-Forwarded-For``: the peer appended to the chain;
-    - ``Forwarded`` (RFC 7239): kproxy's element for this hop (``for`` the peer, ``host``,
-      ``proto``) appended to a trusted proxy's value, and replacing anyone else's;
+    - ``Forwarded`` (RFC 7239): dropped from anyone but a trusted proxy; a trusted proxy's
+      chain gets kproxy's element for this hop (``for`` the peer, ``proto``, ``host``)
+      appended. kproxy does not start the header itself: like APISIX and nginx it speaks
+      ``X-Forwarded-*``, and the seed's answer shows no ``Forwarded``;
     - ``X-Real-IP``: the client address kproxy believes (``client``);
     - ``X-Forwarded-Host``, ``-Proto``, ``-Port``: what kproxy saw, unless a trusted proxy
       sent them.
@@ -92,9 +94,10 @@ def add_forwarded_headers(headers: dict[str, str], environ: dict, trusted: Seque
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     keep_theirs = peer_is_trusted(environ, trusted)
     scheme = environ.get("wsgi.url_scheme", "http")
-    element = f"for={_node(peer)};proto={scheme}" + (f";host={_quoted(host)}" if host else "")
-    prior = headers.get("Forwarded") if keep_theirs else None
-    headers["Forwarded"] = f"{prior}, {element}" if prior else element
+    prior = headers.pop("Forwarded", None)
+    if prior and keep_theirs:
+        element = f"for={_node(peer)};proto={scheme}" + (f";host={_quoted(host)}" if host else "")
+        headers["Forwarded"] = f"{prior}, {element}"
     headers["X-Real-Ip"] = client
     for name, value in (("X-Forwarded-Host", host),
                         ("X-Forwarded-Proto", scheme),
