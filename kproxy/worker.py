@@ -6,20 +6,26 @@ a request has started, a thread reads and writes with no time limit: clients tha
 and say nothing, trickle a header byte a second (slowloris) or stop reading their answer
 each hold a thread, and ``threads`` of them stop the worker. This worker bounds that:
 
-- a new connection waits in the poller, not in a thread, until its first byte arrives
-  (at most ``keepalive_timeout`` seconds, then it is closed);
+- a request head is read by the worker's main thread, in its poller: a new connection
+  waits there for its first byte (at most ``keepalive_timeout`` seconds, then it is
+  closed), and whatever part of a head has arrived is kept in the connection's buffer
+  (``ClientSocket.read_ahead``) until the head is whole (its empty line came), until
+  gunicorn's parser can refuse it as it stands (a bare LF, a head over gunicorn's limits:
+  its 4xx), or until the client closes. Only then does a thread take the connection, and
+  the parser reads the buffered bytes first: a client that trickles its head never holds
+  a thread;
 - ``client_header_timeout``: the whole request head must arrive within this many seconds
-  of the connection being queued for a thread, or the client gets 408 and the
-  connection is closed. Counting from the queueing means slow clients that waited in the
-  queue are cut off at once rather than each getting a full timeout with a thread; what a
-  client sent in time is still read, however long it waited for a thread;
+  of its first byte, or the main thread answers 408 and closes the connection. A head
+  that arrived whole is served however long it then waits for a thread;
 - ``client_body_timeout``: while a body is read, each read may wait this long;
 - ``client_send_timeout``: each write of an answer may wait this long for a client that
   does not read.
 
-so a slow client holds a thread for at most ``client_header_timeout`` (plus, for a body or
-an answer, as long as it keeps the bytes moving), and ``threads`` bounds how many it can
-hold at once. ``kproxy serve`` and ``conf/gunicorn.conf.py`` both use it (``worker_class``).
+so a slow client holds a thread only for a body or an answer, and only as long as it keeps
+the bytes moving, and ``threads`` bounds how many it can hold at once. ``kproxy serve``
+and ``conf/gunicorn.conf.py`` both use it (``worker_class``). A TLS listener (gunicorn's
+``--certfile``) is served as gthread does, on gunicorn's own sockets, without these
+deadlines (docs/security.rst).
 
 A kept-alive connection is parked in the poller by the thread that served it, where
 gthread asks the main thread to do it (a pipe write and a wake-up of the main thread for
@@ -33,7 +39,9 @@ a client socket stays in blocking mode for its whole life and the kernel enforce
 timeouts (``SO_RCVTIMEO``, ``SO_SNDTIMEO``): a read is one ``recv``, where Python's own
 timeouts cost a ``poll`` before every read and write and an ``ioctl`` for every change
 of mode; and the response head goes out in the same ``send`` as the first piece of the
-body.
+body. The head's read moved to the main thread, not added to it: the one non-blocking
+``recv`` there replaces the thread's first ``recv`` (and, for a new connection, the
+throw-away selector gthread used to ask whether a byte had come).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from functools import partial
 from typing import Any
 
 from gunicorn.http.errors import NoMoreData
+from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.gthread import ThreadWorker
 
 from .http1 import timeval
@@ -53,6 +62,7 @@ from .http1 import timeval
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _NO_LIMIT = timeval(None)
 COALESCE_LIMIT = 64 * 1024  # a held head is joined to a body piece up to this size (a copy)
+HEAD_READ = 8192  # one read of a request head by the main thread (gunicorn's own read size)
 
 
 class ClientSocket:
@@ -62,10 +72,13 @@ class ClientSocket:
     drain) are recorded, not applied: a read honours the timeout they set.
 
     ``hold_next_write()`` keeps the next write back until the one after it (or a read, or
-    ``flush()``), so that a response head and its first body piece leave in one ``send``."""
+    ``flush()``), so that a response head and its first body piece leave in one ``send``.
+
+    ``read_ahead()`` (the worker's main thread, gathering a request head) keeps what it
+    reads in a buffer that ``recv`` hands out before it reads the socket again."""
 
     __slots__ = ("_sock", "deadline", "idle_timeout", "send_timeout", "_timeout", "_rcvtimeo",
-                 "_holding", "_held")
+                 "_holding", "_held", "_ahead")
 
     def __init__(self, sock: socket.socket, send_timeout: float):
         self._sock = sock
@@ -78,6 +91,7 @@ class ClientSocket:
         self._rcvtimeo: bytes = _NO_LIMIT   # what the kernel has
         self._holding = False
         self._held: bytes | None = None
+        self._ahead: bytes | bytearray = b""  # read, not yet handed out by recv()
 
     # -- what gunicorn sets --
 
@@ -95,6 +109,13 @@ class ClientSocket:
     def recv(self, size: int, flags: int = 0) -> bytes:
         if self._held is not None:
             self.flush()
+        ahead = self._ahead
+        if ahead:
+            if len(ahead) <= size:
+                self._ahead = b""
+                return ahead if type(ahead) is bytes else bytes(ahead)
+            self._ahead = ahead[size:]
+            return bytes(ahead[:size])
         limit, ours = self._timeout, False
         if self.deadline is not None:
             # past the deadline, only what already arrived is read (a zero timeout)
@@ -121,12 +142,58 @@ class ClientSocket:
 
     def _give_up(self) -> None:
         if self.deadline is not None:  # still in the head: say why before closing
-            try:
-                self._sock.send(REQUEST_TIMEOUT, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+            self._send_quietly(REQUEST_TIMEOUT)
         # gunicorn treats this as a client that went away: closed quietly, no traceback
         raise NoMoreData(b"client too slow")
+
+    def _send_quietly(self, answer: bytes) -> None:
+        try:
+            self._sock.send(answer, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    # -- the request head, gathered by the worker's main thread --
+
+    @property
+    def ahead(self) -> bytes | bytearray:
+        """What was read and not yet handed out by ``recv``."""
+        return self._ahead
+
+    def unread(self, data: bytes) -> None:
+        """Give back bytes read from this connection: ``recv`` hands them out first."""
+        if data:
+            self._ahead = data + self._ahead
+
+    def read_ahead(self) -> bool | None:
+        """One read of what has arrived, without waiting, kept for ``recv``: True if bytes
+        came, False at the end of the stream (or a reset), None if none were there."""
+        try:
+            data = self._sock.recv(HEAD_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset by the client: as closed
+            return False
+        if not data:
+            return False
+        if not self._ahead:
+            self._ahead = data
+        else:  # a head in pieces: appended in place, not copied whole for each piece
+            if type(self._ahead) is bytes:
+                self._ahead = bytearray(self._ahead)
+            self._ahead += data
+        return True
+
+    def time_out(self) -> None:
+        """Answer 408 without waiting: the head's deadline passed. The caller closes."""
+        try:  # what came meanwhile is read away, so that closing sends a FIN, not a reset
+            self._sock.recv(65536, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self._send_quietly(REQUEST_TIMEOUT)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     # -- writes --
 
@@ -219,22 +286,132 @@ class _Finished:
         return self._result
 
 
+class HeadCheck:
+    """Whether gunicorn's parser can take a request head without waiting for more of it:
+    the head is whole (its empty line came), or the parser refuses it as it stands (a bare
+    LF; a request line, or a head, over gunicorn's limits: its 400, 414 or 431).
+
+    The limits are gunicorn's own, computed as ``gunicorn/http/message.py`` does; a head
+    ``size_limit`` long is refused by the parser while it still reads from the buffer."""
+
+    __slots__ = ("line_limit", "size_limit")
+
+    def __init__(self, cfg: Any):
+        line = cfg.limit_request_line
+        self.line_limit = MAX_REQUEST_LINE if line < 0 or line >= MAX_REQUEST_LINE else line  # 0: none
+        fields = cfg.limit_request_fields
+        if not 0 < fields <= MAX_HEADERS:
+            fields = MAX_HEADERS
+        field_size = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else DEFAULT_MAX_HEADERFIELD_SIZE
+        max_buffer_headers = fields * (field_size + 2) + 4
+        self.size_limit = (self.line_limit or 1024 * 1024) + 2 + max_buffer_headers + 1
+
+    def __call__(self, head: bytes | bytearray, seen: int) -> bool:
+        """``seen``: how much of ``head`` was looked at before (only the rest is searched)."""
+        if head.find(b"\r\n\r\n", max(seen - 3, 0)) >= 0:
+            return True
+        if head.count(b"\n", seen) != head.count(b"\r\n", max(seen - 1, 0)):
+            return True  # a bare LF: the parser refuses it rather than wait
+        if len(head) >= self.size_limit:
+            return True
+        if self.line_limit and len(head) > self.line_limit + 2:
+            start = 2 if head.startswith(b"\r\n") else 0  # one empty line may come first
+            end = head.find(b"\r\n", start)
+            return end - start > self.line_limit or (end < 0 and len(head) - start - 2 > self.line_limit)
+        return False
+
+
 class DeadlineThreadWorker(ThreadWorker):
     header_timeout = 10.0
     body_timeout = 30.0
     send_timeout = 30.0
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.head_ready = HeadCheck(self.cfg)
+        # connections whose head is coming, in the poller: oldest first, which is also the
+        # order of their deadlines (each is its first byte's time plus one timeout)
+        self.heads: dict[Any, None] = {}
+
     def enqueue_req(self, conn: Any) -> None:
-        # runs in the main thread, before the connection waits for a free thread
-        if not isinstance(conn.sock, ClientSocket) and not self.cfg.is_ssl:  # TLS: gunicorn's own socket
-            conn.sock = ClientSocket(conn.sock, self.send_timeout)  # before init(): the parser reads through it
-        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
+        # main thread: a connection accepted, readable after keep-alive, or with bytes of
+        # its next request read ahead
+        if self.cfg.is_ssl:  # gunicorn's own socket, handed to a thread at its first byte
+            if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
+                self._await_first_byte(conn)
+            else:
+                self.tpool.submit(self._serve, conn)
+            return
+        sock = conn.sock
+        if not isinstance(sock, ClientSocket):
+            sock = conn.sock = ClientSocket(sock, self.send_timeout)  # before init(): the parser reads through it
+        elif conn.parser is not None and conn.parser.unreader.buf.getvalue():
+            sock.unread(conn.parser.unreader.take_buffered())  # a body drain read into the next request
+        if sock.ahead and self.head_ready(sock.ahead, 0):  # pipelined: no read needed
+            self._start_deadline(sock)
+            self._hand_over(conn)
+        else:
+            self._read_head(conn)
+
+    def _read_head(self, conn: Any, _fileobj: Any = None) -> None:
+        # main thread, and the poller's callback while a head is coming: one read of what
+        # arrived; a thread takes the connection only once the parser need not wait
+        sock = conn.sock
+        seen = len(sock.ahead)
+        got = sock.read_ahead()
+        if got is False:  # closed (or reset) before its head was whole: nothing to answer
+            self._drop(conn)
+            return
+        if got is None and not seen:  # nothing yet: a new connection, or a wake-up for nothing
             self._await_first_byte(conn)
             return
-        if isinstance(conn.sock, ClientSocket):
-            conn.sock.deadline = time.monotonic() + self.header_timeout
-            conn.sock.idle_timeout = None
+        self._start_deadline(sock)
+        if got and self.head_ready(sock.ahead, seen):
+            self._hand_over(conn)
+        elif time.monotonic() >= sock.deadline:
+            self._time_out(conn)
+        elif conn not in self.heads:
+            self.heads[conn] = None
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._read_head, conn))
+
+    def _start_deadline(self, sock: ClientSocket) -> None:
+        if sock.deadline is None:  # the head's first byte
+            sock.deadline = time.monotonic() + self.header_timeout
+            sock.idle_timeout = None
+
+    def _hand_over(self, conn: Any) -> None:
+        if conn in self.heads:
+            del self.heads[conn]
+            self.poller.unregister(conn.sock)
+        conn.data_ready = True  # gthread's handle() must not wait for a byte again
         self.tpool.submit(self._serve, conn)
+
+    def _time_out(self, conn: Any) -> None:
+        conn.sock.time_out()
+        self._drop(conn)
+
+    def _drop(self, conn: Any) -> None:
+        if conn in self.heads:
+            del self.heads[conn]
+            self.poller.unregister(conn.sock)
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_pending(self) -> None:
+        # after every wait of the main loop: heads past their deadline get their 408 here
+        super().murder_pending()
+        now = time.monotonic()
+        while self.heads:
+            conn = next(iter(self.heads))
+            if conn.sock.deadline > now:
+                break
+            self._time_out(conn)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self.heads:  # wake up for the first head deadline, not only once a second
+            first = next(iter(self.heads)).sock.deadline
+            timeout = min(timeout, max(first - time.monotonic(), 0.0))
+        super().wait_for_and_dispatch_events(timeout)
 
     def _serve(self, conn: Any) -> None:
         # in a request thread: gthread's handle(), then its finish_request() for a kept-alive
@@ -243,13 +420,22 @@ class DeadlineThreadWorker(ThreadWorker):
             result = self.handle(conn)
         except BaseException:
             result = False
-        if result is True and _PARK_FROM_ANY_THREAD and self.alive and not conn.parser.unreader.buf.getvalue():
+        if result is True and self._read_beyond(conn):
+            # pipelined: the main thread sees whether the next head is whole already
+            self.method_queue.defer(self.enqueue_req, conn)
+        elif result is True and _PARK_FROM_ANY_THREAD and self.alive:
             conn.sock.setblocking(False)
             conn.set_timeout()
             self.keepalived_conns.append(conn)  # before the poller can see it readable
             self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
         else:
             self.method_queue.defer(self.finish_request, conn, _Finished(result))
+
+    @staticmethod
+    def _read_beyond(conn: Any) -> bool:
+        # bytes already read past the request just served: the poller would not see them
+        return bool(conn.parser.unreader.buf.getvalue()) or (isinstance(conn.sock, ClientSocket)
+                                                              and bool(conn.sock.ahead))
 
     def _cap_keepalive(self, deadline: float) -> None:
         # request threads may still park connections while the main thread walks them

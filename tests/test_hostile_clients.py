@@ -5,6 +5,7 @@ others, and clients that vanish mid-request or mid-response leave nothing pinned
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -206,3 +207,172 @@ def test_complete_requests_that_waited_for_a_thread_are_served_not_408(gw):
         answer = request(gw, "GET /x HTTP/1.1\nHost: echo.test\nConnection: close\n\n")
         assert status_of(answer) == 200
         assert [f.result() for f in busy] == [200] * 4
+
+
+# -- slow request heads (issue #12): gathered by the worker's main thread, never by a thread --
+
+SLOW_CONFIG = """
+[kproxy]
+threads = {threads}
+client_header_timeout = {header_timeout}
+
+[service:echo]
+host = echo.test
+nodes = {echo}
+
+[api:echo]
+service = echo
+path = /
+"""
+
+
+class Tricklers:
+    """Connections that send their request heads a byte at a time, all driven by one
+    thread (a byte to each every ``interval`` seconds); every socket closed on exit."""
+
+    HEAD = b"GET /slow HTTP/1.1\r\nHost: echo.test\r\nX-Slow: " + b"s" * 4000  # never ends
+
+    def __init__(self, port: int, count: int, interval: float = 1.0, kept_alive: bool = False):
+        self.port, self.count, self.interval, self.kept_alive = port, count, interval, kept_alive
+        self.sockets: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._trickle)
+
+    def __enter__(self) -> Tricklers:
+        try:
+            for _ in range(self.count):
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                self.sockets.append(s)
+                if self.kept_alive:  # one whole request first: the slow head is the second one
+                    s.sendall(b"GET /first HTTP/1.1\r\nHost: echo.test\r\n\r\n")
+                    assert status_of(read_answer(s)) == 200
+                s.sendall(self.HEAD[:1])
+        except BaseException:
+            self.__exit__()
+            raise
+        self.thread.start()
+        return self
+
+    def _trickle(self) -> None:
+        for i in range(1, len(self.HEAD)):
+            if self.stop.wait(self.interval):
+                return
+            for s in self.sockets:
+                try:
+                    s.send(self.HEAD[i:i + 1])
+                except OSError:  # cut off (408): that is the deadline working
+                    pass
+
+    def still_open(self) -> int:
+        """How many of the connections the gateway has not closed (nothing was sent back)."""
+        return sum(not select.select([s], [], [], 0)[0] for s in self.sockets)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        for s in self.sockets:
+            s.close()
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """One answer with a Content-Length body, read from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def fresh_get_seconds(gw) -> float:
+    """A well-behaved client's GET on a new connection: how long its 200 took."""
+    started = time.monotonic()
+    answer = request(gw, "GET /fresh HTTP/1.1\nHost: echo.test\nConnection: close\n\n")
+    assert status_of(answer) == 200, answer[:200]
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind", ["serve", "gunicorn"])
+def test_a_hundred_slowloris_clients_do_not_delay_fresh_requests(kind, gateway_process, echo_node):
+    """The issue's shape: 100 clients trickling their heads a byte a second, default
+    threads (8); every one of 200 fresh GETs is answered in under 1 s (a behaviour bound:
+    before, the first one waited 9.5 s, until the slow heads' threads timed out)."""
+    gw = gateway_process(kind, SLOW_CONFIG.format(threads=8, header_timeout=30, echo=echo_node.address))
+    with Tricklers(gw.port, 100) as slow:
+        time.sleep(1.5)  # every slow head has sent a byte or two: each has been read by now
+        took = [fresh_get_seconds(gw) for _ in range(200)]
+        assert max(took) < 1.0, sorted(took)[-5:]
+        assert slow.still_open() == 100  # they were connected, not cut off, the whole time
+    assert_no_traceback(gw)
+
+
+@pytest.mark.parametrize("kind", ["serve", "gunicorn"])
+def test_slow_heads_hold_no_thread_new_or_kept_alive(kind, gateway_process, echo_node):
+    """threads = 2: 25 new and 25 kept-alive connections trickling their heads would
+    each have held a thread until client_header_timeout (30 s here)."""
+    gw = gateway_process(kind, SLOW_CONFIG.format(threads=2, header_timeout=30, echo=echo_node.address))
+    with Tricklers(gw.port, 25, interval=0.2) as new, Tricklers(gw.port, 25, interval=0.2, kept_alive=True) as kept:
+        time.sleep(1.0)
+        for _ in range(10):
+            assert fresh_get_seconds(gw) < 1.0
+        assert new.still_open() == 25 and kept.still_open() == 25
+    assert_no_traceback(gw)
+
+
+@pytest.mark.parametrize("kind", ["serve", "gunicorn"])
+def test_a_trickling_head_gets_408_at_its_deadline_though_it_keeps_sending(kind, gateway_process, echo_node):
+    gw = gateway_process(kind, SLOW_CONFIG.format(threads=2, header_timeout=2, echo=echo_node.address))
+    head = Tricklers.HEAD
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        started = time.monotonic()
+        sent = answer = 0
+        for sent in range(len(head)):  # a byte every 0.1 s: never idle, never done
+            if select.select([s], [], [], 0.1)[0]:
+                answer = s.recv(65536)
+                break
+            s.send(head[sent:sent + 1])
+        took = time.monotonic() - started
+    assert status_of(answer) == 408, answer
+    assert 1.5 < took < 3.0 and sent > 15, (took, sent)  # client_header_timeout + 1 s
+    assert_no_traceback(gw)
+
+
+def test_a_head_that_arrives_in_pieces_is_served_with_its_body_and_what_is_pipelined(gw):
+    body = b"x" * 100_000
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /one HTTP/1.1\r\nHost: ech")
+        time.sleep(0.3)
+        s.sendall(b"o.test\r\nContent-Length: %d\r\n" % len(body))
+        time.sleep(0.3)
+        # the end of the head, the body and two pipelined requests in one write
+        s.sendall(b"\r\n" + body + b"GET /two HTTP/1.1\r\nHost: echo.test\r\n\r\n"
+                  b"GET /three HTTP/1.1\r\nHost: echo.test\r\n\r\n")
+        answers = [json.loads(read_answer(s).partition(b"\r\n\r\n")[2]) for _ in range(3)]
+    assert [a["raw_uri"] for a in answers] == ["/one", "/two", "/three"]
+    assert answers[0]["body_length"] == len(body)
+
+
+def test_heads_the_parser_refuses_as_they_stand_are_answered_without_waiting(gw):
+    """A bare LF, a request line over gunicorn's limit, or more head than gunicorn ever
+    buffers (about 800 KiB with its defaults), sent without the empty line that ends a
+    head: gunicorn's 400, 414 and 431, not a 408 after client_header_timeout."""
+    for partial_head, status in [(b"GET / HTTP/1.1\nHost: echo.test\n", 400),
+                                 (b"GET /" + b"a" * 5000, 414),
+                                 (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 900_000, 431)]:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            started = time.monotonic()
+            try:
+                s.sendall(partial_head)
+            except OSError:  # refused before it was all sent: the answer is still there to read
+                pass
+            answer = s.recv(65536)
+            assert status_of(answer) == status, answer[:200]
+            assert time.monotonic() - started < 1.5  # client_header_timeout is 2 s
+    assert_no_traceback(gw)

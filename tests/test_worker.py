@@ -1,7 +1,9 @@
 """The client socket of kproxy's gunicorn worker (kproxy/worker.py): timeouts the kernel
-enforces on a socket that stays blocking, and a response head that leaves with the first
-piece of its body. The whole worker runs under serve and gunicorn in
-test_hostile_clients.py; these pin the socket's own promises on a real socket pair."""
+enforces on a socket that stays blocking, a response head that leaves with the first
+piece of its body, and a request head gathered by the main thread and read first; and
+when a gathered head is ready for gunicorn's parser. The whole worker runs under serve
+and gunicorn in test_hostile_clients.py; these pin the parts' own promises on a real
+socket pair and gunicorn's own config."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import socket
 import time
 
 import pytest
+from gunicorn.config import Config
 from gunicorn.http.errors import NoMoreData
 
-from kproxy.worker import ClientSocket
+from kproxy.worker import ClientSocket, HeadCheck
 
 
 class CountingSocket(socket.socket):
@@ -106,6 +109,54 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(pair):
         for _ in range(1000):
             client.sendall(b"x" * 65536)
     assert time.monotonic() - started < 3
+
+
+def test_bytes_read_ahead_are_received_first_then_the_socket(pair):
+    ours, peer = pair
+    client = ClientSocket(ours, send_timeout=1)
+    assert client.read_ahead() is None  # nothing there: no waiting
+    peer.sendall(b"GET / HT")
+    time.sleep(0.05)
+    assert client.read_ahead() is True
+    peer.sendall(b"TP/1.1\r\n\r\nnext")
+    time.sleep(0.05)
+    assert client.read_ahead() is True
+    assert client.ahead == b"GET / HTTP/1.1\r\n\r\nnext"
+    assert client.recv(5) == b"GET /" and client.recv(100) == b" HTTP/1.1\r\n\r\nnext"
+    client.unread(b"given back")
+    assert client.recv(100) == b"given back"
+    peer.sendall(b"from the socket")
+    assert client.recv(100) == b"from the socket"
+    peer.shutdown(socket.SHUT_WR)
+    assert client.read_ahead() is False  # the end of the stream
+
+
+def test_a_timed_out_head_gets_408_and_a_fin_without_waiting(pair):
+    ours, peer = pair
+    client = ClientSocket(ours, send_timeout=1)
+    peer.sendall(b"GET / HTTP/1.1\r\nX-Slow: a")
+    time.sleep(0.05)
+    client.time_out()
+    assert received(peer).startswith(b"HTTP/1.1 408 ")
+    assert received(peer) == b""  # the write side was shut: the client sees the end
+
+
+def test_a_head_is_ready_when_whole_or_when_the_parser_refuses_it_as_it_stands():
+    ready = HeadCheck(Config())  # gunicorn's defaults, which kproxy keeps
+    head = b"GET /x HTTP/1.1\r\nHost: echo.test\r\n\r\n"
+    assert ready(head, 0)
+    for cut in range(len(head)):  # the empty line found across any two pieces
+        assert not ready(head[:cut], 0)
+        assert ready(head, cut)
+    assert ready(b"GET / HTTP/1.1\nHost: x", 0)  # a bare LF: gunicorn's 400 at once
+    assert ready(b"GET / HTTP/1.1\r\nHost: x\n", 20)
+    assert not ready(b"GET / HTTP/1.1\r\nHost: x\r", 0)
+    assert not ready(b"GET /" + b"a" * 4000, 0)
+    assert ready(b"GET /" + b"a" * 5000, 0)  # a request line over 4094: gunicorn's 414
+    assert ready(b"\r\nGET /" + b"a" * 5000, 0)
+    headers = b"GET / HTTP/1.1\r\n" + b"X-H: v\r\n" * 120
+    assert not ready(headers, 0)  # too many headers: only the parser, once whole, says 431
+    assert ready(headers + b"X" * ready.size_limit, 0)  # past what the parser ever buffers
 
 
 def test_a_tls_listener_serves_kept_alive_requests(tmp_path, upstream):
