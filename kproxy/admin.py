@@ -16,13 +16,14 @@ The client is the TCP peer, never a forwarded header any client can write; only 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from . import metrics
-from .client import address_in
+from .client import Network, address_in
+from .discovery import Registry, all_ready
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .config import RegistryConfig
     from .exchange import Exchange
 
 Answer = tuple[int, bytes, str]
@@ -30,9 +31,14 @@ JSON = "application/json"
 
 
 class Admin:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self.allow = gateway.config.gateway.admin_allow
+    """The admin endpoints of one loaded config: who may read them (``allow``), and the
+    registries they report on (``configs`` names every one, ``registries`` those running)."""
+
+    def __init__(self, allow: Sequence[Network], configs: Mapping[str, RegistryConfig],
+                 registries: Mapping[str, Registry]):
+        self.allow = allow
+        self.configs = configs
+        self.registries = registries
 
     def handle(self, environ: dict, name: str, exchange: Exchange) -> Answer | None:
         """The answer for admin path ``name``, or None if it is not an admin path."""
@@ -40,9 +46,9 @@ class Admin:
         if name == "healthz":
             return 200, b'{"status": "ok"}\n', JSON
         if name == "readyz":
-            ready = self.gateway.ready
+            ready = all_ready(self.configs, self.registries)
             body = {"status": "ready" if ready else "not ready",
-                    "registries": {n: getattr(r, "ready", False) for n, r in self.gateway.registries.items()}}
+                    "registries": {n: r.ready for n, r in self.registries.items()}}
             return (200 if ready else 503), _json(body), JSON
         if name not in ("metrics", "discovery"):
             exchange.service = exchange.api = "-"
@@ -50,15 +56,14 @@ class Admin:
         if not address_in(exchange.client, self.allow):
             return 403, _json({"error": "forbidden", "message": f"{name} is served to admin_allow only"}), JSON
         if name == "metrics":
-            body, content_type = metrics.exposition(self.gateway)
+            body, content_type = metrics.exposition(self.registries)
             return 200, body, content_type
         return 200, _json(self.discovery()), JSON
 
     def discovery(self) -> dict:
-        gateway = self.gateway
         out = {}
-        for name, registry_config in gateway.config.registries.items():
-            registry = gateway.registries.get(name)
+        for name, registry_config in self.configs.items():
+            registry = self.registries.get(name)
             if registry is not None:
                 out[name] = registry.dump()
             else:

@@ -7,7 +7,8 @@
 
 A request flows: request (path, body, id: ``request``) -> admin endpoints (``admin``) ->
 route (host, path, method: ``routing``) -> upstream (pick a node, retry on the next one
-where safe: ``upstream``) -> forward (stream both ways: ``forward``). Everything a route
+where safe, eject failing ones: ``upstream``) -> node (``transport`` sends the request on
+a pooled connection: ``pool``) -> the answer relayed as it comes (``body``). Everything a route
 needs per request is computed once, when the config is loaded (``RouteTarget``).
 Discovery threads start in ``start()``, which ``kproxy serve`` and the gunicorn hooks
 call after fork; a gateway that was not started starts itself on its first request.
@@ -21,29 +22,29 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import accesslog, metrics
+from .admin import Admin
 from . import config as configmod
-from .config import Config, ServiceConfig
+from .config import Config, RegistryConfig, ServiceConfig
 from .exchange import Exchange
 from .body import BodyTooLarge, ClientDisconnected, RelayedBody
 from .client import client_address
+from .discovery import Registry, all_ready, create_registry
 from .headers import add_forwarded_headers, request_headers, response_headers
 from .http1 import InvalidRequest
 from .pool import TLSPolicy
 from .transport import NO_BODY_STATUSES, ConnectFailed, Transport, UpstreamFailure
-from .node import Node
 from .request import BadRequest, Target, forward_target, parse_target, request_body, request_id
 from .routing import MethodNotAllowed, NoRoute, Router
-from .upstream import NoNodes, Upstream
+from .upstream import NodeSource, NoNodes, RegistryNodes, StaticNodes, Upstream
 
 log = logging.getLogger("kproxy")
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 _pid = os.getpid()  # asked again after a fork, not per request (it is a system call)
 
@@ -63,58 +64,60 @@ class RouteTarget:
     service: ServiceConfig
     upstream: Upstream
     strip: str          # path prefix to remove before forwarding ("" for none)
-    tls: TLSPolicy | None
 
 
 class Routes:
-    """One loaded config: its router and the registries its upstreams read. Swapped whole
-    on reload, so a request sees one config from start to end."""
+    """One loaded config: its router, and its upstreams reading the registries given.
+    Swapped whole on reload, so a request sees one config from start to end."""
 
-    def __init__(self, config: Config, registries: dict[str, Any]):
+    def __init__(self, config: Config, registries: Mapping[str, Registry]):
         self.config = config
-        self.registries = registries  # filled by Gateway.start(), after fork
+        self.registries = registries
         self.router = Router()
         upstreams = {name: self._upstream(service) for name, service in config.services.items()}
         for api in config.apis.values():
             service = config.services[api.service]
-            tls = None
-            if service.scheme == "https":
-                tls = TLSPolicy(service.ca_file, not service.insecure_skip_tls_verify)
             target = RouteTarget(api.name, service, upstreams[service.name],
-                                 service.path_prefix if api.strip_prefix else "", tls)
+                                 service.path_prefix if api.strip_prefix else "")
             self.router.add(service.host, service.path_prefix + api.path, api.match, api.methods, target)
         self.router.build()
 
     def _upstream(self, service: ServiceConfig) -> Upstream:
         if service.nodes is not None:
-            nodes = service.nodes
-            source = lambda: nodes  # noqa: E731 - the same tuple every time: no rebuilds
+            source: NodeSource = StaticNodes(service.nodes)
         else:
-            registries = self.registries
-            registry_name, ns, name, port = service.registry, service.namespace, service.service_name, service.port
-
-            def source() -> tuple[Node, ...] | None:
-                registry = registries.get(registry_name)
-                return registry.nodes(ns, name, port) if registry is not None else None
-        return Upstream(service.name, source, self.config.gateway.node_cooldown)
+            source = RegistryNodes(self.registries.get(service.registry), service.namespace,
+                                   service.service_name, service.port)
+        tls = None
+        if service.scheme == "https":
+            tls = TLSPolicy(service.ca_file, not service.insecure_skip_tls_verify)
+        return Upstream(service.name, source, self.config.gateway.node_cooldown, scheme=service.scheme,
+                        tls=tls, pass_host=service.pass_host, upstream_host=service.upstream_host,
+                        retries=service.retries)
 
 
 class Gateway:
+    """``transport`` sends each request to the node its upstream picked (one per process;
+    by default built from the config's timeouts). ``registry_factory`` makes a registry
+    from its config (tests give their own)."""
+
     def __init__(self, config: Config, fallback: WSGIApp | None = None,
-                 registry_factory: Callable[[Any], Any] | None = None):
+                 registry_factory: Callable[[RegistryConfig], Registry] | None = None,
+                 transport: Transport | None = None):
         self.fallback = fallback
         self._registry_factory = registry_factory
         self._started_pid: int | None = None
         self._lock = threading.Lock()
         gateway = config.gateway
-        self.transport = Transport(gateway.threads, gateway.connect_timeout, gateway.read_timeout,
-                                   keepalive_timeout=gateway.upstream_keepalive_timeout)
+        if transport is None:
+            transport = Transport(gateway.threads, gateway.connect_timeout, gateway.read_timeout,
+                                  keepalive_timeout=gateway.upstream_keepalive_timeout)
+        self.transport = transport
         self.routes = Routes(config, {})
         self.observers: list[Callable[[Exchange], None]] = [metrics.observe]
         if gateway.access_log:
             self.observers.append(accesslog.observer(gateway.access_log_format))
-        from .admin import Admin
-        self.admin = Admin(self)
+        self.admin = self._admin(self.routes)
 
     @classmethod
     def from_file(cls, path: str, fallback: WSGIApp | None = None) -> Gateway:
@@ -125,7 +128,7 @@ class Gateway:
         return self.routes.config
 
     @property
-    def registries(self) -> dict[str, Any]:
+    def registries(self) -> Mapping[str, Registry]:
         return self.routes.registries
 
     # -- lifecycle --
@@ -136,11 +139,11 @@ class Gateway:
             if self._started_pid == os.getpid():
                 return
             self._started_pid = os.getpid()
-            registries = self.routes.registries
-            registries.clear()  # objects inherited through fork have no threads: start anew
-            for name, registry_config in self.config.registries.items():
-                if registry_config.enabled:
-                    registries[name] = self._create_registry(registry_config)
+            # registries inherited through fork have no threads: this process makes its own
+            registries = {name: self._create_registry(registry_config)
+                          for name, registry_config in self.config.registries.items() if registry_config.enabled}
+            self.routes = Routes(self.config, registries)
+            self.admin = self._admin(self.routes)
             for registry in registries.values():
                 registry.start()
 
@@ -156,7 +159,7 @@ class Gateway:
         answer 503 in between. Requests in flight finish on the config they started with."""
         with self._lock:
             old = self.routes
-            registries: dict[str, Any] = {}
+            registries: dict[str, Registry] = {}
             fresh = []
             for name, registry_config in config.registries.items():
                 if not registry_config.enabled:
@@ -175,24 +178,25 @@ class Gateway:
                                                         config.gateway.read_timeout)
             self.transport.keepalive_timeout = config.gateway.upstream_keepalive_timeout
             self.routes = Routes(config, registries)
-            self.admin = type(self.admin)(self)
+            self.admin = self._admin(self.routes)
         for name, registry in old.registries.items():
             if registries.get(name) is not registry:
                 registry.stop()
         log.info("reloaded %s: %d services, %d apis, %d new registries", config.path,
                  len(config.services), len(config.apis), len(fresh))
 
-    def _create_registry(self, registry_config: Any) -> Any:
+    def _create_registry(self, registry_config: RegistryConfig) -> Registry:
         if self._registry_factory is not None:
             return self._registry_factory(registry_config)
-        from .discovery import create_registry
         return create_registry(registry_config)
+
+    @staticmethod
+    def _admin(routes: Routes) -> Admin:
+        return Admin(routes.config.gateway.admin_allow, routes.config.registries, routes.registries)
 
     @property
     def ready(self) -> bool:
-        routes = self.routes
-        enabled = [n for n, r in routes.config.registries.items() if r.enabled]
-        return all(name in routes.registries and routes.registries[name].ready for name in enabled)
+        return all_ready(self.routes.config.registries, self.routes.registries)
 
     # -- requests --
 
@@ -243,65 +247,35 @@ class Gateway:
             return self._error(exchange, start_response, 400, e.error, str(e))
         except BodyTooLarge as e:
             return self._error(exchange, start_response, 413, "body_too_large", str(e))
-        replayable = body is None and exchange.method in IDEMPOTENT
-        retries = service.retries if service.retries is not None else len(nodes) - 1
         headers = request_headers(environ)
-        if service.pass_host == "rewrite":
-            headers["Host"] = service.upstream_host
-        elif request.host is not None:
-            headers["Host"] = request.host
         if length is not None:
             headers["Content-Length"] = str(length)
         chunked = body is not None and length is None
         add_forwarded_headers(headers, environ, routes.config.gateway.trusted_proxies, request.host,
                               exchange.client)
         headers["X-Request-Id"] = exchange.request_id
-        tried: list[Node] = []
-        failure: UpstreamFailure | None = None
-        while len(tried) <= retries:
-            try:
-                node = upstream.pick(exclude=tried, nodes=nodes)
-            except NoNodes:
-                break
-            tried.append(node)
-            if service.pass_host == "node":
-                headers["Host"] = node.address
-            exchange.node, exchange.attempts = node, len(tried)
-            sent = time.perf_counter()
-            try:
-                response = self.transport.send(node, exchange.method, request_target, headers, body,
-                                               chunked, service.scheme, target.tls, replayable)
-            except InvalidRequest as e:
-                return self._error(exchange, start_response, 400, "bad_request", str(e))
-            except ClientDisconnected as e:
-                exchange.error = str(e)
-                return self._error(exchange, start_response, 400, "client_disconnected", str(e))
-            except BodyTooLarge as e:
-                exchange.error = str(e)
-                return self._error(exchange, start_response, 413, "body_too_large", str(e))
-            except UpstreamFailure as e:
-                failure = e
-                exchange.failures.append(e.kind)
-                if isinstance(e, ConnectFailed) or e.timed_out:
-                    upstream.failed(node)
-                    exchange.ejections += 1
-                log.warning("upstream %s node %s: %s (request %s)", service.name, node.address, e.reason,
-                            exchange.request_id)
-                if isinstance(e, ConnectFailed) or replayable:
-                    continue
-                break
-            exchange.upstream_seconds = time.perf_counter() - sent
-            exchange.upstream_status = response.status
-            return self._relay(exchange, start_response, response, environ)
-        if failure is None:
+        try:
+            response = upstream.send(self.transport, exchange, request_target, headers, body, chunked,
+                                     request.host, nodes)
+        except NoNodes:
             return self._no_upstream(exchange, start_response, service, routes)
-        exchange.error = str(failure)
-        if failure.timed_out:
-            return self._error(exchange, start_response, 504, "upstream_timeout",
-                               f"upstream {service.name} did not answer in time", service=service.name)
-        kind = "upstream_unreachable" if isinstance(failure, ConnectFailed) else "upstream_error"
-        return self._error(exchange, start_response, 502, kind,
-                           f"upstream {service.name}: {failure.reason}", service=service.name)
+        except InvalidRequest as e:
+            return self._error(exchange, start_response, 400, "bad_request", str(e))
+        except ClientDisconnected as e:
+            exchange.error = str(e)
+            return self._error(exchange, start_response, 400, "client_disconnected", str(e))
+        except BodyTooLarge as e:
+            exchange.error = str(e)
+            return self._error(exchange, start_response, 413, "body_too_large", str(e))
+        except UpstreamFailure as failure:
+            exchange.error = str(failure)
+            if failure.timed_out:
+                return self._error(exchange, start_response, 504, "upstream_timeout",
+                                   f"upstream {service.name} did not answer in time", service=service.name)
+            kind = "upstream_unreachable" if isinstance(failure, ConnectFailed) else "upstream_error"
+            return self._error(exchange, start_response, 502, kind,
+                               f"upstream {service.name}: {failure.reason}", service=service.name)
+        return self._relay(exchange, start_response, response, environ)
 
     def _relay(self, exchange: Exchange, start_response: Callable, response: Any,
                environ: dict) -> Iterable[bytes]:

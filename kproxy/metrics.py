@@ -4,7 +4,7 @@ Request metrics are recorded from each finished ``Exchange`` (``Gateway.observer
 Under gunicorn, ``conf/gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any
 worker starts, and a scrape of any worker returns the sum over all workers. Discovery
 metrics are read from the registries of the worker that answers the scrape: every worker
-runs the same informers, so they describe what that worker routes by.
+runs the same reflectors, so they describe what that worker routes by.
 
 ======================================================  ==================================
 ``kproxy_requests_total``                               service, api, method, code (2xx..)
@@ -33,14 +33,14 @@ import bisect
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .discovery import Registry
     from .exchange import Exchange
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
@@ -176,8 +176,8 @@ def observe(exchange: Exchange) -> None:
 class DiscoveryCollector(Collector):
     """Per-registry gauges from this worker's registries, built at scrape time."""
 
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, registries: Mapping[str, Registry]):
+        self.registries = registries
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = {
@@ -197,18 +197,19 @@ class DiscoveryCollector(Collector):
         }
         state = GaugeMetricFamily("kproxy_discovery_state", "1 for the registry's current state",
                                   labels=["registry", "state"])
-        for name, registry in self.gateway.registries.items():
-            stats = registry.stats() if hasattr(registry, "stats") else {}
+        for name, registry in self.registries.items():
+            stats = registry.stats()
             families["ready"].add_metric([name], 1.0 if registry.ready else 0.0)
             for key in ("services", "endpoints", "watch_restarts", "relists", "last_sync"):
-                if stats.get(key) is not None:
-                    families[key].add_metric([name], float(stats[key]))
-            state.add_metric([name, str(stats.get("state", "unknown"))], 1.0)
+                value = getattr(stats, key)
+                if value is not None:
+                    families[key].add_metric([name], float(value))
+            state.add_metric([name, stats.state], 1.0)
         yield from families.values()
         yield state
 
 
-def exposition(gateway: Gateway) -> tuple[bytes, str]:
+def exposition(registries: Mapping[str, Registry]) -> tuple[bytes, str]:
     """The text a scrape gets: request metrics (summed over gunicorn workers) and this
     worker's discovery metrics."""
     flush()
@@ -221,5 +222,5 @@ def exposition(gateway: Gateway) -> tuple[bytes, str]:
         registry = REGISTRY
     output = generate_latest(registry)
     discovery = CollectorRegistry()
-    discovery.register(DiscoveryCollector(gateway))
+    discovery.register(DiscoveryCollector(registries))
     return output + generate_latest(discovery), CONTENT_TYPE_LATEST

@@ -1,37 +1,89 @@
-"""Upstreams: where a service's requests go, and which node takes the next one.
+"""Upstreams: a service's nodes, which node takes the next request, and what to do when
+a node fails it: Envoy's cluster (load balancing, outlier ejection, retry policy) in one
+place::
 
-An ``Upstream`` asks its node source for the current nodes on every pick, so static
-lists and live discovery feed it the same way::
-
-    upstream = Upstream("sd-app", lambda: (Node("10.0.0.7", 8080), Node("10.0.0.8", 8080, 3)))
+    upstream = Upstream("sd-app", StaticNodes((Node("10.0.0.7", 8080), Node("10.0.0.8", 8080, 3))))
     node = upstream.pick()            # smooth weighted round robin
     upstream.failed(node)             # passive health: skipped for ``cooldown`` seconds
+    response = upstream.send(transport, exchange, "/anything", headers)   # with retries
 
-A source returns a tuple of nodes, or None when the service is unknown or its registry
-is disabled. Sources that return the same tuple object while nothing changed let the
-balancer skip its rebuild; when the nodes do change, weights and ejections of the
-nodes that stay are kept, so a scale-out does not reset the rotation.
+An ``Upstream`` asks its node source for the current nodes on every request, so static
+lists (``StaticNodes``) and live discovery (``RegistryNodes``) feed it the same way. A
+source returns a tuple of nodes, or None when the service is unknown or its registry is
+disabled. Sources that return the same tuple object while nothing changed let the
+balancer skip its rebuild; when the nodes do change, weights and ejections of the nodes
+that stay are kept, so a scale-out does not reset the rotation.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Callable, Iterable
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Protocol
 
 from .node import Node
+from .transport import ConnectFailed, UpstreamFailure, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .pool import TLSPolicy
+    from .transport import Transport
+
+log = logging.getLogger("kproxy")
 
 NodeSource = Callable[[], "tuple[Node, ...] | None"]
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class NoNodes(LookupError):
     """The service is unknown, disabled, or has no usable nodes."""
 
 
+class StaticNodes:
+    """The nodes an INI ``nodes =`` line lists: the same tuple every time."""
+
+    __slots__ = ("_nodes",)
+
+    def __init__(self, nodes: tuple[Node, ...]):
+        self._nodes = nodes
+
+    def __call__(self) -> tuple[Node, ...]:
+        return self._nodes
+
+
+class NodeLookup(Protocol):
+    def nodes(self, namespace: str, service: str, port: str) -> tuple[Node, ...] | None: ...
+
+
+class RegistryNodes:
+    """A Service's ready endpoints in a registry (None: no registry, as when it is disabled).
+    The registry keeps them as a snapshot it swaps whole, so this reads without a lock."""
+
+    __slots__ = ("registry", "namespace", "service", "port")
+
+    def __init__(self, registry: NodeLookup | None, namespace: str, service: str, port: str):
+        self.registry, self.namespace, self.service, self.port = registry, namespace, service, port
+
+    def __call__(self) -> tuple[Node, ...] | None:
+        registry = self.registry
+        return registry.nodes(self.namespace, self.service, self.port) if registry is not None else None
+
+
 class Upstream:
+    """``scheme``, ``tls``: how nodes are spoken to. ``pass_host``: the Host a node sees
+    (``pass`` the client's, ``node`` its address, ``rewrite`` ``upstream_host``).
+    ``retries``: how many other nodes a failed request may try (None: each other node
+    once)."""
+
     def __init__(self, name: str, source: NodeSource, cooldown: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, scheme: str = "http",
+                 tls: TLSPolicy | None = None, pass_host: str = "pass", upstream_host: str | None = None,
+                 retries: int | None = None):
         self.name = name
+        self.scheme, self.tls = scheme, tls
+        self.pass_host, self.upstream_host = pass_host, upstream_host
+        self.retries = retries
         self._source = source
         self._cooldown = cooldown
         self._clock = clock
@@ -89,3 +141,56 @@ class Upstream:
         now = self._clock()
         with self._lock:
             return [n for n, t in self._ejected.items() if t > now]
+
+    def send(self, transport: Transport, exchange: Exchange, target: str, headers: dict[str, str],
+             body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
+             host: str | None = None, nodes: tuple[Node, ...] | None = None) -> UpstreamResponse:
+        """Send the request to the next node, and on to others while that is safe: after a
+        connect failure (nothing was sent) whatever the method, after a failure once the
+        request was sent only if it can be replayed (no body, idempotent method). Nodes
+        that refused or timed out are ejected. ``host``: the client's Host (for ``pass``).
+        ``exchange`` gets the node, the attempts, the failures and the ejections.
+
+        Raises NoNodes when there was no node to try, the last UpstreamFailure when every
+        try failed; the client's own failures (InvalidRequest, ClientDisconnected,
+        BodyTooLarge) pass through untried elsewhere."""
+        if nodes is None:
+            nodes = self.nodes()
+        if self.pass_host == "rewrite":
+            headers["Host"] = self.upstream_host or ""
+        elif host is not None:
+            headers["Host"] = host
+        replayable = body is None and exchange.method in IDEMPOTENT
+        retries = self.retries if self.retries is not None else len(nodes) - 1
+        tried: list[Node] = []
+        failure: UpstreamFailure | None = None
+        while len(tried) <= retries:
+            try:
+                node = self.pick(exclude=tried, nodes=nodes)
+            except NoNodes:
+                break
+            tried.append(node)
+            if self.pass_host == "node":
+                headers["Host"] = node.address
+            exchange.node, exchange.attempts = node, len(tried)
+            sent = time.perf_counter()
+            try:
+                response = transport.send(node, exchange.method, target, headers, body, chunked,
+                                          self.scheme, self.tls, replayable)
+            except UpstreamFailure as e:
+                failure = e
+                exchange.failures.append(e.kind)
+                if isinstance(e, ConnectFailed) or e.timed_out:
+                    self.failed(node)
+                    exchange.ejections += 1
+                log.warning("upstream %s node %s: %s (request %s)", self.name, node.address, e.reason,
+                            exchange.request_id)
+                if isinstance(e, ConnectFailed) or replayable:
+                    continue
+                break
+            exchange.upstream_seconds = time.perf_counter() - sent
+            exchange.upstream_status = response.status
+            return response
+        if failure is None:
+            raise NoNodes(self.name)
+        raise failure

@@ -26,16 +26,16 @@ import pytest
 import requests
 
 from kproxy.config import parse
-from kproxy.discovery.informer import Timing
+from kproxy.discovery.reflector import Timing
 from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
-from kproxy.testenv import KubeAPIServer
+from kproxy_tools.testenv import KubeAPIServer
 
 from .conftest import EchoApp, UpstreamServer, session, wait_until
-from .test_discovery_informer import ProjectedVolume
+from .test_discovery_reflector import ProjectedVolume
 
 # short backoff so fault tests recover in about a second; the default schedule
-# (0.8 s doubling to 30 s) is checked without a server in test_discovery_informer.py
+# (0.8 s doubling to 30 s) is checked without a server in test_discovery_reflector.py
 FAST = Timing(backoff_initial=0.2, backoff_cap=1.0)
 SERVICE_NAME = "kubernetes.io/service-name"
 
@@ -318,7 +318,7 @@ def test_seed_minimal_rbac_works_and_warns(kube, registries, caplog):
         assert dump["services"]["apisix/httpbin"]["port_source"] == "endpoints"
         assert dump["services"]["apisix/httpbin"]["ports"] == {"*": [f"127.0.0.1:{httpbin.port}"]}
         stats = registry.stats()
-        assert (stats["services"], stats["endpoints"], stats["lists"], stats["state"]) == (2, 2, 1, "ok")
+        assert (stats.services, stats.endpoints, stats.lists, stats.state) == (2, 2, 1, "ok")
         assert dump["informers"]["services"]["last_status"] == 403
         assert token not in json.dumps(dump) and token not in caplog.text
     finally:
@@ -460,7 +460,7 @@ def test_410_after_compaction_relists_without_lost_stale_or_empty_services(kube,
     assert poller.bad == [] and poller.readings > 100
     stats = registry.dump()["informers"]
     assert stats["endpoints"]["relists"] >= 1 and stats["services"]["relists"] >= 1
-    assert registry.stats()["relists"] >= 2
+    assert registry.stats().relists >= 2
     assert not stats["endpoints"]["failing"] and registry.dump()["state"] == "ok"
 
 
@@ -557,11 +557,11 @@ def test_revoked_token_keeps_nodes_then_rotated_token_file_recovers(
         wait_until(lambda: registry.ready)
         assert registry.dump()["warnings"] == []
         revoke(kube, account, first)
-        informers = lambda: registry.dump()["informers"].values()
-        wait_until(lambda: all(i["last_status"] == 401 for i in informers()))
+        reflectors = lambda: registry.dump()["informers"].values()
+        wait_until(lambda: all(i["last_status"] == 401 for i in reflectors()))
         dump = registry.dump()
         assert dump["state"] == "degraded" and "401" in dump["informers"]["endpoints"]["last_error"]
-        assert all(i["state"] == "backoff" for i in informers())
+        assert all(i["state"] == "backoff" for i in reflectors())
         kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.2")]))  # unseen so far
         assert registry.nodes(namespace, "web", "80") == nodes("127.0.0.1")  # the last known nodes stay
         kube.apply(account)
@@ -595,8 +595,8 @@ def test_a_watch_open_when_its_token_is_revoked_keeps_delivering(kube, namespace
     revoke(kube, account, first)
     kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.2")]))
     wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.2"), timeout=5)
-    endpoints_informer = registry.dump()["informers"]["endpoints"]
-    assert endpoints_informer["watch_restarts"] == 0 and endpoints_informer["errors"] == 0
+    endpoints_reflector = registry.dump()["informers"]["endpoints"]
+    assert endpoints_reflector["watch_restarts"] == 0 and endpoints_reflector["errors"] == 0
     assert registry.dump()["state"] == "ok"
     # the token replaced, then the watch cut: it comes back with the new token at once
     kube.apply(account)

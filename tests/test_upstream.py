@@ -1,6 +1,7 @@
-"""Specification of upstream balancing (kproxy/upstream.py): smooth weighted round robin,
-thread safety, passive-health ejection on an injected clock, ``exclude``, and node-list
-changes that keep the state of the nodes that stay."""
+"""Specification of upstreams (kproxy/upstream.py): smooth weighted round robin, thread
+safety, passive-health ejection on an injected clock, ``exclude``, node-list changes that
+keep the state of the nodes that stay; and one request's tries (``send``): which failures
+move on to another node, how many, and the Host each node sees, on real sockets."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from collections import Counter
 
 import pytest
 
+from kproxy.exchange import Exchange
 from kproxy.node import Node
+from kproxy.transport import ConnectFailed, ExchangeFailed, Transport
 from kproxy.upstream import NoNodes, Upstream
+
+from .conftest import closed_port
 
 A, B, C, D = Node("10.0.0.1", 80), Node("10.0.0.2", 80), Node("10.0.0.3", 80), Node("10.0.0.4", 80)
 
@@ -266,3 +271,80 @@ def test_same_tuple_object_is_not_rebuilt(monkeypatch):
     source.set(A, B)                     # equal nodes, but a new tuple: a change to adopt
     upstream.pick()
     assert len(adopted) == 2
+
+
+# -- one request's tries (Upstream.send): retry policy next to ejection, on real sockets --
+
+def answer_ok(conn) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+def hang_up(conn) -> None:
+    conn.close()  # the request reached the node, and no answer came
+
+
+def tries(method: str = "GET", retries: int | None = None, *nodes: Node, body=None):
+    upstream = Upstream("svc", Source(*nodes), retries=retries)
+    exchange = Exchange(method, "/", "127.0.0.1", "id", 0.0)
+    transport = Transport(connect_timeout=2, read_timeout=2)
+    try:
+        response = upstream.send(transport, exchange, "/", {"Host": "svc"}, body, chunked=body is not None)
+        response.release_conn()
+        return upstream, exchange, response.status
+    except Exception as e:  # the failure, for the test to look at
+        return upstream, exchange, e
+    finally:
+        transport.close()
+
+
+def node_of(server) -> Node:
+    return Node("127.0.0.1", server.port)
+
+
+def test_a_refused_connection_moves_on_to_the_next_node_whatever_the_method(raw_upstream):
+    refused, good = Node("127.0.0.1", closed_port()), node_of(raw_upstream(answer_ok))
+    upstream, exchange, status = tries("POST", None, refused, good, body=[b"x"])
+    assert status == 200 and exchange.attempts == 2 and exchange.failures == ["connect_refused"]
+    assert upstream.ejected() == [refused] and exchange.ejections == 1
+
+
+def test_a_request_that_reached_a_node_is_sent_again_only_when_replayable(raw_upstream):
+    broken, good = node_of(raw_upstream(hang_up)), node_of(raw_upstream(answer_ok))
+    for method, body, replayed in [("GET", None, True), ("POST", None, False), ("PUT", [b"x"], False)]:
+        upstream = None
+        for _ in range(2):  # round robin: once with the broken node first
+            upstream, exchange, result = tries(method, None, broken, good, body=body)
+            if exchange.failures:
+                break
+        assert exchange.failures == ["bad_response"], method
+        if replayed:
+            assert result == 200 and exchange.attempts == 2
+        else:
+            assert isinstance(result, ExchangeFailed) and exchange.attempts == 1, method
+        assert upstream.ejected() == []  # a bad answer is not an ejection: the node is up
+
+
+def test_retries_bound_the_tries_and_the_last_failure_is_raised():
+    nodes = [Node("127.0.0.1", closed_port()) for _ in range(4)]
+    for retries, attempts in [(0, 1), (2, 3), (None, 4)]:
+        _, exchange, result = tries("GET", retries, *nodes)
+        assert isinstance(result, ConnectFailed) and exchange.attempts == attempts, retries
+
+
+def test_pass_host_decides_the_host_each_node_sees(raw_upstream):
+    node = node_of(raw_upstream(answer_ok))
+    transport = Transport()
+    try:
+        for pass_host, upstream_host, expected in [("pass", None, "client.test"), ("node", None, node.address),
+                                                   ("rewrite", "internal.test", "internal.test")]:
+            upstream = Upstream("svc", Source(node), pass_host=pass_host, upstream_host=upstream_host)
+            headers: dict[str, str] = {}
+            upstream.send(transport, Exchange("GET", "/", "c", "id", 0.0), "/", headers, host="client.test").release_conn()
+            assert headers["Host"] == expected, pass_host
+    finally:
+        transport.close()
+
+
+def test_no_node_to_try_is_no_nodes():
+    with pytest.raises(NoNodes):
+        Upstream("svc", Source()).send(Transport(), Exchange("GET", "/", "c", "id", 0.0), "/", {})

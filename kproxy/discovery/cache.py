@@ -1,6 +1,6 @@
-"""The informer's store: the objects of one watched resource, keyed by (namespace, name).
+"""The reflector's store: the objects of one watched resource, keyed by (namespace, name).
 
-Modelled on client-go's ``cache.Store``/``Indexer``: an informer thread writes, anyone reads.
+Modelled on client-go's ``cache.Store``/``Indexer``: a reflector thread writes, anyone reads.
 A relist swaps the whole content at once, so no reader ever sees a half-listed resource::
 
     store = Store(index=lambda obj: obj["service"])

@@ -1,7 +1,7 @@
 """Kubernetes registry: live endpoints of Services, resolved to nodes by Service port.
 
 One registry per ``[registry:NAME]`` section. ``start()`` (after fork, once per worker)
-runs two informers: endpoints (EndpointSlices, or v1 Endpoints) and Services (for the port
+runs two reflectors: endpoints (EndpointSlices, or v1 Endpoints) and Services (for the port
 mapping). The request path reads an immutable snapshot, without locks::
 
     registry = KubernetesRegistry(config.registries["my-k8s-cluster"])
@@ -10,15 +10,7 @@ mapping). The request path reads an immutable snapshot, without locks::
     registry.ready                              # every watched resource listed once
     registry.dump()                             # JSON-able state, never a token
 
-Port semantics: ``port`` is the Service port (``spec.ports[].port``) or its name. Its name
-picks the endpoint ports of that name (``""`` for a single unnamed port), whatever their
-numbers. When Services are not readable (the seed's RBAC grants only endpoints), the port
-is matched against endpoint port names and numbers instead, and the dump says so; a single
-unnamed endpoint port is the only port of its Service, so it answers any port number.
-
-Endpoint semantics: every slice of a service is merged and de-duplicated by address and
-port; ready endpoints (``ready`` unset counts as ready) are used; when none is ready, the
-serving ones (terminating included), so a draining service still answers; never the rest.
+What endpoints mean (ports, readiness) is ``endpoints``; the connection is ``apiserver``.
 
 ``label_selector`` is sent to the server for the endpoints: it decides which services are
 visible. Services themselves are listed without it, only to map ports, because
@@ -27,348 +19,24 @@ hand-written Endpoints often carry labels their Service lacks.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Mapping
-from urllib.parse import urlencode
-
-import urllib3
+from dataclasses import asdict
+from typing import Any, Callable, Iterable
 
 from ..config import RegistryConfig
 from ..node import Node
+from . import RegistryStats
+from .apiserver import ENDPOINTS, ApiConnection, EndpointApi, collection_path
 from .cache import Change, Object, Store
-from .informer import ApiStatusError, Informer, Timing
+from .endpoints import (EMPTY, ServiceKey, ServiceView, build_view, keep_unchanged, service_key, trim_endpoints,
+                        trim_service, trim_slice)
+from .reflector import ApiStatusError, Reflector, Timing
 
 log = logging.getLogger("kproxy.discovery")
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-READY, SERVING = 2, 1  # endpoint states kept by the trimmers; not-ready ones are dropped
-SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-SERVICE_ACCOUNT_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-# TCP keepalive finds a silently vanished API server in about a minute, long before the
-# watch's read timeout (which must outlast the server's own watch timeout)
-KEEPALIVE = dict(idle=30, interval=10, count=3)
-EMPTY: tuple[Node, ...] = ()
-
-ServiceKey = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class EndpointApi:
-    group_version: str  # "v1" or "discovery.k8s.io/v1" / "discovery.k8s.io/v1beta1"
-    resource: str       # "endpoints" or "endpointslices"
-
-    def collection(self, namespace: str | None) -> str:
-        return _collection(self.group_version, self.resource, namespace)
-
-    def __str__(self) -> str:
-        return f"{self.group_version} {self.resource}"
-
-
-ENDPOINTS = EndpointApi("v1", "endpoints")
-
-
-def _collection(group_version: str, resource: str, namespace: str | None) -> str:
-    base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-    return f"{base}/namespaces/{namespace}/{resource}" if namespace else f"{base}/{resource}"
-
-
-# -- the API connection --
-
-class ApiConnection:
-    """The API server as the ``kubernetes`` client configures it; raw responses, our headers.
-
-    The official client resolves kubeconfig, in-cluster config, TLS and client certificates;
-    requests go through its urllib3 pool unparsed (``preload_content=False``) because its
-    models cost four times the CPU and twice the memory on large lists. The bearer token
-    is read from ``token_file`` on every request (a watch is one request per reconnect) and
-    again after a 401, so rotated service-account tokens work without a restart;
-    ``credentials_mark()`` lets a failing informer see the file change and retry at once.
-    """
-
-    def __init__(self, config: RegistryConfig, connect_timeout: float = 10.0):
-        self._config = config
-        self._connect_timeout = connect_timeout
-        self._lock = threading.Lock()
-        self._client: Any = None  # kubernetes.client.ApiClient, built on first use
-        in_cluster = not config.kubeconfig and not config.api_server
-        self._token_file = config.token_file or (SERVICE_ACCOUNT_TOKEN if in_cluster and not config.token else None)
-        self.tokens: list[str] = []  # recently used tokens, so error texts can be scrubbed
-
-    def _api_client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                from kubernetes import client as k8s
-                self._client = k8s.ApiClient(self._configuration())
-            return self._client
-
-    def _configuration(self) -> Any:
-        from kubernetes import client as k8s
-        from kubernetes import config as k8s_config
-        from kubernetes.utils.keepalive import tcp_keepalive_socket_options
-        config = self._config
-        c = k8s.Configuration()
-        if config.kubeconfig:
-            k8s_config.load_kube_config(config_file=config.kubeconfig, context=config.context,
-                                        client_configuration=c, persist_config=False)
-        elif config.api_server:
-            c.host = config.api_server
-        else:
-            from kubernetes.config.incluster_config import InClusterConfigLoader
-            InClusterConfigLoader(token_filename=config.token_file or SERVICE_ACCOUNT_TOKEN,
-                                  cert_filename=config.ca_file or SERVICE_ACCOUNT_CA).load_and_set(c)
-        # only the registry's own settings decide verification: urllib3 never reads
-        # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, and no ca_file means the system CAs
-        if config.ca_file:
-            c.ssl_ca_cert = config.ca_file
-        if config.insecure_skip_tls_verify:
-            c.verify_ssl = False
-        c.socket_options = tcp_keepalive_socket_options(**KEEPALIVE)
-        return c
-
-    def _authorization(self) -> str | None:
-        if self._token_file:
-            try:
-                with open(self._token_file, encoding="utf-8") as f:
-                    token = f.read().strip()
-            except OSError as e:
-                raise RuntimeError(f"cannot read token_file {self._token_file}: {e.strerror}") from None
-            if not token:
-                raise RuntimeError(f"token_file {self._token_file} is empty")
-        elif self._config.token:
-            token = self._config.token
-        else:  # kubeconfig or in-cluster: the client's own (refreshing) credentials, if any
-            auth = self._api_client().configuration.auth_settings().get("BearerToken")
-            value = auth and auth.get("value")
-            if not value:
-                return None
-            token = value.split(" ", 1)[-1]
-        if token not in self.tokens:
-            self.tokens = (self.tokens + [token])[-4:]
-        return f"Bearer {token}"
-
-    def credentials_mark(self) -> Hashable:
-        """Changes whenever ``token_file`` may hold another token; None without a file.
-
-        Only a stat and a symlink walk, never a read, so a failing informer can ask several
-        times a second. The file's identity, size and times catch a rewrite or a rename over
-        it; the resolved path catches a Kubernetes projected volume, where ``token`` links to
-        ``..data/token`` and the kubelet swaps the ``..data`` link to a new directory.
-        """
-        if not self._token_file:
-            return None
-        try:
-            st = os.stat(self._token_file)
-            return (os.path.realpath(self._token_file), st.st_dev, st.st_ino, st.st_size,
-                    st.st_mtime_ns, st.st_ctime_ns)
-        except OSError as e:  # absent or unreadable now: appearing later is a change too
-            return ("unreadable", e.errno)
-
-    def get(self, path: str, params: Mapping[str, str], read_timeout: float) -> urllib3.BaseHTTPResponse:
-        client = self._api_client()
-        url = client.configuration.host.rstrip("/") + path + ("?" + urlencode(params) if params else "")
-        authorization = self._authorization()
-        response = self._request(client, url, authorization, read_timeout)
-        if response.status == 401 and self._token_file:
-            fresh = self._authorization()
-            if fresh != authorization:  # the file was rotated under us: retry at once
-                response.drain_conn()
-                response.release_conn()
-                response = self._request(client, url, fresh, read_timeout)
-        return response
-
-    def _request(self, client: Any, url: str, authorization: str | None,
-                 read_timeout: float) -> urllib3.BaseHTTPResponse:
-        headers = {"Accept": "application/json", "User-Agent": "kproxy"}
-        if authorization:
-            headers["Authorization"] = authorization
-        return client.rest_client.pool_manager.request(
-            "GET", url, headers=headers, preload_content=False, retries=False,
-            timeout=urllib3.Timeout(connect=self._connect_timeout, read=read_timeout))
-
-    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> tuple[int, Any]:
-        """A small GET (discovery, probes): status and parsed body."""
-        response = self.get(path, params or {}, 30.0)
-        try:
-            data = response.data
-        finally:
-            response.release_conn()
-        try:
-            return response.status, json.loads(data)
-        except ValueError:
-            return response.status, None
-
-    def scrub(self, text: str | None) -> str | None:
-        if text:
-            for token in self.tokens:
-                text = text.replace(token, "***")
-        return text
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.rest_client.pool_manager.clear()
-
-
-# -- trimming objects to what the port mapping needs --
-# A trimmed endpoints object: {"metadata": {namespace, name, resourceVersion}, "service": name,
-#   "groups": [(ports, endpoints)]} where ports = ((name, number), ...) and
-#   endpoints = ((address, READY|SERVING), ...): every port of a group applies to every endpoint.
-
-def _metadata(obj: Object) -> dict[str, str]:
-    m = obj["metadata"]
-    return {"namespace": m.get("namespace") or "", "name": m["name"],
-            "resourceVersion": m.get("resourceVersion") or ""}
-
-
-def _tcp_ports(ports: Iterable[dict[str, Any]] | None) -> tuple[tuple[str, int], ...]:
-    out = []
-    for p in ports or ():
-        if (p.get("protocol") or "TCP") == "TCP" and isinstance(p.get("port"), int):
-            name = p.get("name") or ""
-            if not isinstance(name, str):
-                raise ValueError(f"port name {name!r} is not a string")
-            out.append((name, p["port"]))
-    return tuple(out)
-
-
-def _ip(value: Any) -> str | None:
-    """An endpoint address as a canonical IP string; None for anything else (the API
-    server only stores IPs; a hostname or junk here must not become a node)."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        return None
-
-
-def trim_endpoints(obj: Object) -> Object:
-    """v1 Endpoints: ``addresses`` are ready; ``notReadyAddresses`` are never used."""
-    groups = []
-    for subset in obj.get("subsets") or ():
-        ports = _tcp_ports(subset.get("ports"))
-        addresses = tuple((ip, READY) for ip in (_ip(a.get("ip")) for a in subset.get("addresses") or ()) if ip)
-        if ports and addresses:
-            groups.append((ports, addresses))
-    return {"metadata": _metadata(obj), "service": obj["metadata"]["name"], "groups": groups}
-
-
-def trim_slice(obj: Object) -> Object | None:
-    """EndpointSlice (v1 or v1beta1); None for a slice that belongs to no service."""
-    service = (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
-    if not service:
-        return None
-    if not isinstance(service, str):
-        raise ValueError(f"label {SERVICE_NAME_LABEL} is not a string")
-    endpoints = []
-    for endpoint in obj.get("endpoints") or ():
-        addresses = endpoint.get("addresses") or ()
-        if not isinstance(addresses, list) or not addresses or not _ip(addresses[0]):
-            continue
-        conditions = endpoint.get("conditions") or {}
-        if conditions.get("ready") is not False:  # unset means ready
-            state = READY
-        elif conditions.get("serving") is True:  # not ready, but still serving (draining)
-            state = SERVING
-        else:
-            continue
-        # the addresses of one endpoint are fungible: consumers use the first
-        endpoints.append((_ip(addresses[0]), state))
-    ports = _tcp_ports(obj.get("ports"))
-    groups = [(ports, tuple(endpoints))] if ports and endpoints else []
-    return {"metadata": _metadata(obj), "service": service, "groups": groups}
-
-
-def trim_service(obj: Object) -> Object:
-    return {"metadata": _metadata(obj), "ports": _tcp_ports((obj.get("spec") or {}).get("ports"))}
-
-
-def _service_key(obj: Object) -> ServiceKey:
-    return obj["metadata"]["namespace"], obj["service"]
-
-
-# -- the per-service view on the request path --
-
-@dataclass(frozen=True)
-class ServiceView:
-    """Nodes of one service by config port string; immutable, shared with readers."""
-    ports: Mapping[str, tuple[Node, ...]]
-    any_port: tuple[Node, ...] | None = None  # without a Service: a single unnamed port
-    source: str = "service"                    # "service" or "endpoints" (port matching)
-    service_ports: tuple[tuple[str, int], ...] | None = None
-
-
-def build_view(endpoint_objects: Iterable[Object], service: Object | None) -> ServiceView:
-    """Merge a service's endpoints objects and map them to its ports (pure function)."""
-    merged: dict[str, dict[tuple[str, int], int]] = {}  # port name -> (address, number) -> state
-    for obj in endpoint_objects:
-        for ports, endpoints in obj["groups"]:
-            for name, number in ports:
-                entries = merged.setdefault(name, {})
-                for address, state in endpoints:
-                    if entries.get((address, number), 0) < state:
-                        entries[(address, number)] = state
-    interned: dict[tuple[Node, ...], tuple[Node, ...]] = {}
-
-    def usable(entries: Mapping[tuple[str, int], int]) -> tuple[Node, ...]:
-        nodes = _usable(entries)
-        return interned.setdefault(nodes, nodes)  # equal node lists share one tuple
-
-    if service is not None:
-        ports: dict[str, tuple[Node, ...]] = {}
-        for name, number in service["ports"]:
-            nodes = usable(merged.get(name, {}))
-            ports.setdefault(str(number), nodes)
-            if name:
-                ports[name] = nodes
-        return ServiceView(ports, None, "service", service["ports"])
-    if set(merged) == {""}:
-        return ServiceView({}, usable(merged[""]), "endpoints")
-    ports = {}
-    by_number: dict[int, dict[tuple[str, int], int]] = {}
-    for name, entries in merged.items():
-        if name:
-            ports[name] = usable(entries)
-        for (address, number), state in entries.items():
-            by_number.setdefault(number, {})[(address, number)] = state
-    for number, entries in by_number.items():
-        ports.setdefault(str(number), usable(entries))
-    return ServiceView(ports, None, "endpoints")
-
-
-def _usable(entries: Mapping[tuple[str, int], int]) -> tuple[Node, ...]:
-    chosen = [k for k, state in entries.items() if state == READY]
-    if not chosen:
-        chosen = [k for k, state in entries.items() if state == SERVING]
-    return tuple(Node(address, number) for address, number in sorted(chosen)) if chosen else EMPTY
-
-
-def _reuse(view: ServiceView, old: ServiceView | None) -> ServiceView:
-    """Keep the old tuple objects where nothing changed: the balancer compares by identity."""
-    if old is None:
-        return view
-    if view == old:
-        return old
-    previous = {nodes: nodes for nodes in old.ports.values()}
-    if old.any_port is not None:
-        previous.setdefault(old.any_port, old.any_port)
-
-    def keep(key: str, nodes: tuple[Node, ...]) -> tuple[Node, ...]:
-        before = old.ports.get(key)
-        return before if before == nodes else previous.get(nodes, nodes)
-
-    ports = {key: keep(key, nodes) for key, nodes in view.ports.items()}
-    any_port = None if view.any_port is None else previous.get(view.any_port, view.any_port)
-    return ServiceView(ports, any_port, view.source, view.service_ports)
-
-
-# -- the registry --
 
 class KubernetesRegistry:
     """Endpoints of the Services of one cluster, kept current by list+watch."""
@@ -389,15 +57,15 @@ class KubernetesRegistry:
         self.last_change: float | None = None
         namespace = config.single_namespace
         self._namespace = namespace
-        self._endpoints_store = Store(index=_service_key)
+        self._endpoints_store = Store(index=service_key)
         self._services_store = Store()
-        # informer names appear in log lines: say which registry they belong to
-        self._endpoints = Informer(
+        # reflector names appear in log lines: say which registry they belong to
+        self._endpoints = Reflector(
             f"registry {config.name} endpoints", self._api, self._endpoints_path, self._endpoints_store, self._endpoints_changed,
             params={"labelSelector": config.label_selector or ""}, transform=self._trim_endpoints,
             timing=timing, thread_name=f"kproxy-{config.name}-endpoints")
-        self._services = Informer(
-            f"registry {config.name} services", self._api, lambda: _collection("v1", "services", namespace),
+        self._services = Reflector(
+            f"registry {config.name} services", self._api, lambda: collection_path("v1", "services", namespace),
             self._services_store, self._services_changed, transform=self._trim_service,
             on_error=self._services_failed, timing=timing, thread_name=f"kproxy-{config.name}-services")
         if config.insecure_skip_tls_verify:
@@ -406,7 +74,7 @@ class KubernetesRegistry:
     # -- lifecycle --
 
     def start(self) -> None:
-        """Start the informer threads; call after fork, once per process."""
+        """Start the reflector threads; call after fork, once per process."""
         if not self.config.enabled or self._started:
             return
         self._started = True
@@ -422,7 +90,7 @@ class KubernetesRegistry:
         self._api.close()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """``callback()`` runs on an informer thread after every published change."""
+        """``callback()`` runs on a reflector thread after every published change."""
         self._listeners.append(callback)
 
     # -- the request path --
@@ -454,7 +122,7 @@ class KubernetesRegistry:
     def services_forbidden(self) -> bool:
         return not self._services.synced and self._services.last_status == 403
 
-    # -- informer callbacks (informer threads) --
+    # -- reflector callbacks (reflector threads) --
 
     def _endpoints_path(self) -> str:
         if self._endpoint_api is None:
@@ -515,7 +183,7 @@ class KubernetesRegistry:
         for _, old, new in changes:
             for obj in (old, new):
                 if obj is not None:
-                    keys.add(_service_key(obj))
+                    keys.add(service_key(obj))
         self._rebuild(keys)
 
     def _services_changed(self, changes: list[Change], relisted: bool) -> None:
@@ -553,7 +221,7 @@ class KubernetesRegistry:
         service = self._services_store.get(key)
         if not endpoint_objects and (service is None or self.config.label_selector):
             return None  # with a label selector, only services with matching endpoints exist
-        return _reuse(build_view(endpoint_objects, service), old)
+        return keep_unchanged(build_view(endpoint_objects, service), old)
 
     # -- reporting --
 
@@ -573,9 +241,9 @@ class KubernetesRegistry:
             return "degraded"
         return "ok"
 
-    def stats(self) -> dict[str, Any]:
-        """Numbers for metrics: totals over this registry's informers and its snapshot."""
-        informers = (self._endpoints, self._services)
+    def stats(self) -> RegistryStats:
+        """Numbers for metrics: totals over this registry's reflectors and its snapshot."""
+        reflectors = (self._endpoints, self._services)
         snapshot = self._snapshot
         addresses = set()
         services = 0
@@ -583,24 +251,19 @@ class KubernetesRegistry:
             nodes = {n for port in view.ports.values() for n in port} | set(view.any_port or ())
             services += bool(nodes)
             addresses |= nodes
-        syncs = [t for i in informers for t in (i.last_sync, i.last_event) if t is not None]
-        return {
-            "state": self.state, "ready": self.ready, "services": services, "endpoints": len(addresses),
-            "known_services": len(snapshot), "changes": self.changes,
-            "last_sync": max(syncs) if syncs else None,
-            **{key: sum(getattr(i, key) for i in informers)
-               for key in ("lists", "relists", "watches", "watch_restarts", "events", "bookmarks",
-                           "malformed", "errors")},
-        }
+        syncs = [t for r in reflectors for t in (r.last_sync, r.last_event) if t is not None]
+        counts = self._endpoints.counts + self._services.counts
+        return RegistryStats(self.state, self.ready, services, len(addresses), len(snapshot), self.changes,
+                             max(syncs) if syncs else None, **asdict(counts))
 
     def dump(self) -> dict[str, Any]:
         """JSON-able state for the discovery endpoint; holds no token or token file content."""
         c = self.config
-        informers = {}
-        for key, informer in (("endpoints", self._endpoints), ("services", self._services)):
-            stats = informer.stats()
+        reflectors = {}
+        for key, reflector in (("endpoints", self._endpoints), ("services", self._services)):
+            stats = reflector.stats()
             stats["last_error"] = self._api.scrub(stats["last_error"])
-            informers[key] = stats
+            reflectors[key] = stats
         services = {}
         for (namespace, name), view in sorted(self._snapshot.items()):
             entry: dict[str, Any] = {
@@ -628,7 +291,7 @@ class KubernetesRegistry:
             },
             "endpoints_api": str(self._endpoint_api) if self._endpoint_api else None,
             "warnings": warnings,
-            "informers": informers,
+            "informers": reflectors,  # the key scripts read since 0.1: one entry per reflector
             "changes": self.changes, "last_change": self.last_change,
             "services": services,
         }

@@ -1,9 +1,9 @@
-"""Fuzzing the informer's event handling (kproxy/discovery/informer.py, cache.py) as the
+"""Fuzzing the reflector's event handling (kproxy/discovery/reflector.py, cache.py) as the
 Kubernetes registry uses it (kproxy/discovery/kubernetes.py).
 
-The harness is the registry's own endpoints informer, never started (no thread, no
-network): a LIST goes through ``Informer._list`` with a fake transport that answers one
-JSON list, and each watch line through ``Informer._handle``, the function the watch loop
+The harness is the registry's own endpoints reflector, never started (no thread, no
+network): a LIST goes through ``Reflector._list`` with a fake transport that answers one
+JSON list, and each watch line through ``Reflector._handle``, the function the watch loop
 calls for every line of the stream. The registry's transform (namespace filter, EndpointSlice
 or Endpoints trimming) and change handler (the per-service snapshot) run as in production.
 What it does not cover: the HTTP side of the watch (reconnects, backoff, timeouts),
@@ -25,10 +25,10 @@ Properties, after every line:
 - the registry's snapshot equals the views built from the store's objects, and the store's
   index groups them by service.
 
-Shapes a real API server cannot send, which fuzzing found breaking the informer, are pinned
+Shapes a real API server cannot send, which fuzzing found breaking the reflector, are pinned
 by the tests at the end.
 
-Run: ``python -m pytest tests/test_fuzz_informer.py``.
+Run: ``python -m pytest tests/test_fuzz_reflector.py``.
 """
 
 from __future__ import annotations
@@ -46,16 +46,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy.config import parse
-from kproxy.discovery.informer import ApiStatusError, Expired, _lines
-from kproxy.discovery.kubernetes import (
-    ENDPOINTS,
-    SERVICE_NAME_LABEL,
-    EndpointApi,
-    KubernetesRegistry,
-    build_view,
-    trim_endpoints,
-    trim_slice,
-)
+from kproxy.discovery.reflector import ApiStatusError, Expired, _lines
+from kproxy.discovery.apiserver import ENDPOINTS, EndpointApi
+from kproxy.discovery.endpoints import SERVICE_NAME_LABEL, build_view, trim_endpoints, trim_slice
+from kproxy.discovery.kubernetes import KubernetesRegistry
 
 # more examples for a longer run: KPROXY_FUZZ_SCALE=10 python -m pytest tests/test_fuzz_*.py
 SCALE = float(os.environ.get("KPROXY_FUZZ_SCALE", "1"))
@@ -284,10 +278,10 @@ class Model:
 
 
 def check(reg: KubernetesRegistry, model: Model) -> None:
-    informer, store = reg._endpoints, reg._endpoints_store
+    reflector, store = reg._endpoints, reg._endpoints_store
     assert {key: store.get(key) for key in store.keys()} == model.objects
     assert store.resource_version == model.resource_version
-    assert (informer.malformed, informer.events, informer.bookmarks, informer.errors) == \
+    assert (reflector.counts.malformed, reflector.counts.events, reflector.counts.bookmarks, reflector.counts.errors) == \
         (model.malformed, model.events, model.bookmarks, 0)
     by_service: dict[tuple[str, str], list[Any]] = {}
     for obj in model.objects.values():
@@ -305,25 +299,25 @@ def check(reg: KubernetesRegistry, model: Model) -> None:
 def test_the_store_always_equals_the_model_of_the_valid_events(scenario):
     resource, pattern, initial, list_rv, script = scenario
     reg, transport = registry(resource, pattern)
-    informer = reg._endpoints
+    reflector = reg._endpoints
     model = Model(trim_slice if resource == "endpointslices" else trim_endpoints)
     with quiet():
         transport.body = {"kind": "List", "metadata": {"resourceVersion": list_rv},
                           "items": [o.body for o in initial]}
-        informer._list()
+        reflector._list()
         model.relist(initial, list_rv)
         check(reg, model)
         for step in script:
             if step.kind == "relist":
                 transport.body = {"kind": "List", "metadata": {"resourceVersion": step.rv},
                                   "items": [o.body for o in step.items]}
-                informer._list()
+                reflector._list()
                 model.relist(step.items, step.rv)
             elif step.kind == "error":
                 with pytest.raises(Expired if step.expired else ApiStatusError):
-                    informer._handle(step.line)
+                    reflector._handle(step.line)
             else:
-                informer._handle(step.line)  # must not raise
+                reflector._handle(step.line)  # must not raise
                 if step.kind == "event":
                     model.event(step.event_type, step.obj)
                 elif step.kind == "bookmark":
@@ -354,7 +348,7 @@ def test_watch_lines_are_split_the_same_whatever_the_chunking(lines, end, final_
     assert list(_lines(ChunkedStream(chunks))) == [line for line in stream.split(b"\n") if line.strip()]
 
 
-# -- shapes a real API server does not send, which the informer does not survive --
+# -- shapes a real API server does not send, which the reflector does not survive --
 # (found by the fuzzing above before they were excluded from it; kept as pinned reports)
 
 def handle(resource: str, event: Any) -> tuple[KubernetesRegistry, BaseException | None]:
@@ -372,13 +366,13 @@ def test_unhashable_namespace_is_skipped_as_malformed():
     for event_type in ("ADDED", "DELETED"):
         reg, error = handle("endpoints", {"type": event_type,
                                           "object": {"metadata": {"name": "a", "namespace": ["x"]}}})
-        assert error is None and reg._endpoints.malformed == 1
+        assert error is None and reg._endpoints.counts.malformed == 1
 
 
 def test_unhashable_service_label_is_skipped_as_malformed():
     reg, error = handle("endpointslices", {"type": "ADDED", "object": {"metadata": {
         "name": "a", "namespace": "ns", "labels": {SERVICE_NAME_LABEL: ["web"]}}, "endpoints": []}})
-    assert error is None and reg._endpoints.malformed == 1 and not reg._endpoints_store.keys()
+    assert error is None and reg._endpoints.counts.malformed == 1 and not reg._endpoints_store.keys()
 
 
 def test_non_string_resource_version_is_not_taken():
@@ -389,14 +383,14 @@ def test_non_string_resource_version_is_not_taken():
 
 def test_deeply_nested_line_is_skipped_as_malformed():
     reg, error = handle("endpoints", b"[" * 100_000)
-    assert error is None and reg._endpoints.malformed == 1
+    assert error is None and reg._endpoints.counts.malformed == 1
 
 
 def test_non_string_address_does_not_leave_the_snapshot_stale():
     reg, error = handle("endpoints", {"type": "ADDED", "object": {"metadata": {"name": "a", "namespace": "ns"},
                                       "subsets": [{"addresses": [{"ip": "10.0.0.1"}, {"ip": 5}],
                                                    "ports": [{"port": 80}]}]}})
-    assert error is None and reg._endpoints.errors == 0
+    assert error is None and reg._endpoints.counts.errors == 0
     assert set(reg._snapshot) == {(o["metadata"]["namespace"], o["service"]) for o in reg._endpoints_store.list()}
 
 

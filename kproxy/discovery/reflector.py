@@ -3,12 +3,12 @@
 Modelled on client-go's Reflector. It knows the API machinery (paged LIST, WATCH from the
 list's resourceVersion, bookmarks, 410 Gone, backoff), nothing of what the objects mean::
 
-    informer = Informer("endpoints", transport, lambda: "/api/v1/endpoints", store, on_change,
+    reflector = Reflector("endpoints", transport, lambda: "/api/v1/endpoints", store, on_change,
                         params={"labelSelector": "app=web"}, transform=trim)
-    informer.start()      # after fork: LIST (paged), then WATCH, forever
-    informer.synced       # True once the first full list is in the store
-    informer.stats()      # state, counters, last error: for metrics and the discovery dump
-    informer.stop()       # closes the open response, so the thread ends promptly
+    reflector.start()      # after fork: LIST (paged), then WATCH, forever
+    reflector.synced       # True once the first full list is in the store
+    reflector.stats()      # state, counters, last error: for metrics and the discovery dump
+    reflector.stop()       # closes the open response, so the thread ends promptly
 
 ``transform(obj)`` trims an object to what the consumer needs, or returns None to drop it;
 ``on_change(changes, relisted)`` gets the store's ``(key, old, new)`` triples after every write;
@@ -17,7 +17,7 @@ list's resourceVersion, bookmarks, 410 Gone, backoff), nothing of what the objec
 raise; that counts as a failure and is retried with backoff).
 
 A transport that has ``credentials_mark()`` (the token file's state) is asked for it before
-each attempt and, while the informer waits out a backoff, every ``credentials_poll``
+each attempt and, while the reflector waits out a backoff, every ``credentials_poll``
 seconds: a new token is tried at once, with the backoff schedule started afresh, instead of
 after up to ``backoff_cap`` seconds. A watch that is open when its token is revoked is left
 alone: kube-apiserver v1.20 authenticates a request only when it starts, and keeps
@@ -31,7 +31,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
 
 import urllib3
@@ -65,8 +65,24 @@ class Timing:
     watch_read_grace: float = 30.0
     list_read_timeout: float = 60.0
     page_size: int = 500
-    # how often a failing informer looks at the token file (a stat, no read)
+    # how often a failing reflector looks at the token file (a stat, no read)
     credentials_poll: float = 0.25
+
+
+@dataclass(slots=True)
+class Counts:
+    """What a reflector has done since it started; each field written by its thread only."""
+    lists: int = 0
+    relists: int = 0           # lists after the first
+    watches: int = 0
+    watch_restarts: int = 0    # watches after the first, whatever ended the one before
+    events: int = 0
+    bookmarks: int = 0
+    malformed: int = 0         # watch events logged and skipped
+    errors: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Counts)))
 
 
 class Expired(Exception):
@@ -80,7 +96,7 @@ class ApiStatusError(Exception):
         super().__init__(f"HTTP {status} {reason}: {message}" if message else f"HTTP {status} {reason}")
 
 
-class Informer:
+class Reflector:
     """List then watch one collection; keep ``store`` equal to the server's view of it."""
 
     def __init__(self, name: str, transport: Transport, path: Callable[[], str], store: Store,
@@ -100,7 +116,7 @@ class Informer:
         self._params = {k: v for k, v in (params or {}).items() if v}
         self._transform = transform or (lambda obj: obj)
         self._timing = timing
-        self._thread_name = thread_name or f"kproxy-informer-{name}"
+        self._thread_name = thread_name or f"kproxy-reflector-{name}"
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._response: urllib3.BaseHTTPResponse | None = None
@@ -108,17 +124,10 @@ class Informer:
         self._healthy_since: float | None = None
         self._failures = 0
         self._expired_streak = 0
-        # read by stats(); plain attributes, each written by the informer thread only
+        # read by stats(); plain attributes, each written by the reflector thread only
         self.path = ""
         self.state = "new"
-        self.lists = 0
-        self.relists = 0
-        self.watches = 0
-        self.watch_restarts = 0
-        self.events = 0
-        self.bookmarks = 0
-        self.malformed = 0
-        self.errors = 0
+        self.counts = Counts()
         self.last_sync: float | None = None
         self.last_event: float | None = None
         self.last_error: str | None = None
@@ -165,9 +174,8 @@ class Informer:
         return {
             "name": self.name, "path": self.path, "state": self.state, "synced": self.synced,
             "resource_version": self.store.resource_version, "objects": len(self.store),
-            "lists": self.lists, "relists": self.relists, "watches": self.watches,
-            "watch_restarts": self.watch_restarts, "events": self.events, "bookmarks": self.bookmarks,
-            "malformed_events": self.malformed, "errors": self.errors, "failing": self.failing,
+            **{("malformed_events" if k == "malformed" else k): v for k, v in asdict(self.counts).items()},
+            "failing": self.failing,
             "backoff_step": self._failures, "last_status": self.last_status,
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "last_sync": self.last_sync, "last_event": self.last_event,
@@ -185,11 +193,11 @@ class Informer:
                 if relist:
                     self._list()
                     relist = False
-                started, events_before = time.monotonic(), self.events + self.bookmarks
+                started, events_before = time.monotonic(), self.counts.events + self.counts.bookmarks
                 self._watch()
                 if self._stopping.is_set():
                     break
-                if time.monotonic() - started < 1 and self.events + self.bookmarks == events_before:
+                if time.monotonic() - started < 1 and self.counts.events + self.counts.bookmarks == events_before:
                     # a server that ends every watch at once would make this loop spin
                     raise ApiStatusError(None, "watch closed", "the server ended the watch immediately")
             except Expired as e:
@@ -212,7 +220,7 @@ class Informer:
             self._failures = 0
         self._healthy_since = None
         self._failures += 1
-        self.errors += 1
+        self.counts.errors += 1
         self.failing = True
         message = _describe(error)
         self.last_status = getattr(error, "status", None)
@@ -296,9 +304,9 @@ class Informer:
         resource_version = str(metadata.get("resourceVersion") or "")
         changes = self.store.replace(objects, resource_version)
         self._notify(changes, True)
-        if self.lists:
-            self.relists += 1
-        self.lists += 1
+        if self.counts.lists:
+            self.counts.relists += 1
+        self.counts.lists += 1
         self.last_sync = time.time()
         self._synced.set()
         self._succeeded()
@@ -334,9 +342,9 @@ class Informer:
                 return
             if response.status != 200:
                 raise _status_error(response)
-            if self.watches:  # every watch after the first, whatever ended the previous one
-                self.watch_restarts += 1
-            self.watches += 1
+            if self.counts.watches:  # every watch after the first, whatever ended the previous one
+                self.counts.watch_restarts += 1
+            self.counts.watches += 1
             self.state = "watching"
             self._succeeded()
             for line in _lines(response):
@@ -363,7 +371,7 @@ class Informer:
             if not isinstance(resource_version, str) or not resource_version:
                 return self._skip("bookmark without resourceVersion", line)
             self.store.bookmark(resource_version)
-            self.bookmarks += 1
+            self.counts.bookmarks += 1
             self._expired_streak = 0
             return
         if event_type not in ("ADDED", "MODIFIED", "DELETED"):
@@ -380,7 +388,7 @@ class Informer:
             change = self.store.apply(event_type, new) if new is not None else self.store.apply("DELETED", obj)
         if isinstance(resource_version, str) and resource_version:
             self.store.bookmark(resource_version)
-        self.events += 1
+        self.counts.events += 1
         self.last_event = time.time()
         self._expired_streak = 0
         if change is not None:
@@ -398,7 +406,7 @@ class Informer:
             return _MALFORMED
 
     def _skip(self, why: str, what: Any) -> None:
-        self.malformed += 1
+        self.counts.malformed += 1
         text = what if isinstance(what, (bytes, str)) else json.dumps(what, default=str)
         log.warning("%s: skipped a malformed watch event or object (%s): %.200r", self.name, why, text)
 
@@ -408,7 +416,7 @@ class Informer:
         try:
             self._on_change(changes, relisted)
         except Exception:  # a consumer bug must not kill the watch; it is loud in the log
-            self.errors += 1
+            self.counts.errors += 1
             log.exception("%s: change handler failed", self.name)
 
 

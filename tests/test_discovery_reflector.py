@@ -1,5 +1,5 @@
 """Discovery parts that need no Kubernetes: the store, the endpoint/port rules as pure
-functions, and the informer against what a real API server cannot produce (malformed
+functions, and the reflector against what a real API server cannot produce (malformed
 watch events: a clearly named fake on 127.0.0.1) or an API server that is not there."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from urllib.parse import parse_qs, urlsplit
 from kproxy.config import parse
 from kproxy.discovery import create_registry
 from kproxy.discovery.cache import Store
-from kproxy.discovery.informer import Timing
-from kproxy.discovery.kubernetes import (ApiConnection, KubernetesRegistry, _reuse, build_view, trim_endpoints,
-                                         trim_service, trim_slice)
+from kproxy.discovery.reflector import Timing
+from kproxy.discovery.apiserver import ApiConnection
+from kproxy.discovery.endpoints import build_view, keep_unchanged, trim_endpoints, trim_service, trim_slice
+from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
 
 from .conftest import wait_until
@@ -133,12 +134,12 @@ def test_unchanged_nodes_keep_their_tuple_object():
     slices = [slice_("a", "web", [ep("10.0.0.1")])]
     before = build_view(slices, None)  # endpoints listed before Services: matched by endpoint port
     assert before.ports["http"] is before.ports["8080"]
-    after = _reuse(build_view(slices, service("web", [("http", 80, "TCP")])), before)
+    after = keep_unchanged(build_view(slices, service("web", [("http", 80, "TCP")])), before)
     assert after.ports["80"] is after.ports["http"] is before.ports["http"]
-    grown = _reuse(build_view([slice_("a", "web", [ep("10.0.0.1"), ep("10.0.0.2")])],
+    grown = keep_unchanged(build_view([slice_("a", "web", [ep("10.0.0.1"), ep("10.0.0.2")])],
                               service("web", [("http", 80, "TCP")])), after)
     assert grown.ports["80"] is not after.ports["80"] and len(grown.ports["80"]) == 2
-    assert _reuse(build_view(slices, service("web", [("http", 80, "TCP")])), after) is after
+    assert keep_unchanged(build_view(slices, service("web", [("http", 80, "TCP")])), after) is after
 
 
 def test_slice_without_service_label_is_ignored():
@@ -224,7 +225,7 @@ VALID = (b'{"type": "MODIFIED", "object": {"metadata": {"name": "web", "namespac
          b'"ports": [{"port": 8080}]}]}}')
 
 
-def test_malformed_watch_events_are_skipped_and_the_informer_goes_on(caplog):
+def test_malformed_watch_events_are_skipped_and_the_reflector_goes_on(caplog):
     fake = FakeApiServer(MALFORMED + [VALID])
     registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
                                                   resource="endpoints"))
