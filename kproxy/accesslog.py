@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
+    from .record import RequestRecord
 
 log = logging.getLogger("kproxy.access")
 
@@ -51,27 +51,27 @@ def _now() -> str:
 _second, _second_text = -1, ""
 
 
-def fields(exchange: Exchange) -> dict:
+def fields(record: RequestRecord) -> dict:
     return {
         "time": _now(),
-        "client": exchange.client,
-        "method": exchange.method,
-        "path": exchange.path,
-        "status": exchange.status,
-        "bytes": exchange.bytes_sent,
-        "duration": round(time.perf_counter() - exchange.started, 6),
-        "service": exchange.service,
-        "api": exchange.api,
-        "upstream": exchange.node.address if exchange.node else None,
-        "upstream_status": exchange.upstream_status,
-        "upstream_duration": None if exchange.upstream_seconds is None else round(exchange.upstream_seconds, 6),
-        "request_id": exchange.request_id,
-        "error": exchange.error,
+        "client": record.client,
+        "method": record.method,
+        "path": record.path,
+        "status": record.status,
+        "bytes": record.bytes_sent,
+        "duration": round(time.perf_counter() - record.started, 6),
+        "service": record.service,
+        "api": record.api,
+        "upstream": record.node.address if record.node else None,
+        "upstream_status": record.upstream_status,
+        "upstream_duration": None if record.upstream_seconds is None else round(record.upstream_seconds, 6),
+        "request_id": record.request_id,
+        "error": record.error,
     }
 
 
-def _text(e: Exchange) -> str:
-    # built straight from the exchange: this runs for every request
+def _text(e: RequestRecord) -> str:
+    # built straight from the record: this runs for every request
     upstream = f"{e.node.address} {e.upstream_status}" if e.node and e.upstream_status is not None else (
         f"{e.node.address} -" if e.node else "- -")
     seconds = "-" if e.upstream_seconds is None else f"{e.upstream_seconds:.4f}"
@@ -169,14 +169,14 @@ def _direct_handler() -> AccessLogHandler | None:
     return None
 
 
-def observer(form: str) -> Callable[[Exchange], None]:
-    """A ``Gateway`` observer that logs each exchange as ``text`` or ``json``."""
+def observer(form: str) -> Callable[[RequestRecord], None]:
+    """A ``Gateway`` observer that logs each record as ``text`` or ``json``."""
     render = (lambda e: json.dumps(fields(e), separators=(",", ":"))) if form == "json" else _text
 
-    def record(exchange: Exchange) -> None:
+    def log_line(record: RequestRecord) -> None:
         handler = _direct_handler()
         if handler is not None:
-            handler.write(render(exchange))
+            handler.write(render(record))
         elif log.isEnabledFor(logging.INFO):
-            log.info("%s", render(exchange))
-    return record
+            log.info("%s", render(record))
+    return log_line

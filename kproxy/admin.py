@@ -24,7 +24,7 @@ from .discovery import Registry, all_ready
 
 if TYPE_CHECKING:
     from .config import RegistryConfig
-    from .exchange import Exchange
+    from .record import RequestRecord
 
 Answer = tuple[int, bytes, str]
 JSON = "application/json"
@@ -40,9 +40,9 @@ class Admin:
         self.configs = configs
         self.registries = registries
 
-    def handle(self, environ: dict, name: str, exchange: Exchange) -> Answer | None:
+    def handle(self, environ: dict, name: str, record: RequestRecord) -> Answer | None:
         """The answer for admin path ``name``, or None if it is not an admin path."""
-        exchange.service = exchange.api = "-admin"
+        record.service = record.api = "-admin"
         if name == "healthz":
             return 200, b'{"status": "ok"}\n', JSON
         if name == "readyz":
@@ -51,9 +51,9 @@ class Admin:
                     "registries": {n: r.ready for n, r in self.registries.items()}}
             return (200 if ready else 503), _json(body), JSON
         if name not in ("metrics", "discovery"):
-            exchange.service = exchange.api = "-"
+            record.service = record.api = "-"
             return None
-        if not address_in(exchange.client, self.allow):
+        if not address_in(record.client, self.allow):
             return 403, _json({"error": "forbidden", "message": f"{name} is served to admin_allow only"}), JSON
         if name == "metrics":
             body, content_type = metrics.exposition(self.registries)

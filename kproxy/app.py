@@ -30,7 +30,7 @@ from . import accesslog, metrics
 from .admin import Admin
 from . import config as configmod
 from .config import Config, RegistryConfig, ServiceConfig
-from .exchange import Exchange
+from .record import RequestRecord
 from .body import BodyTooLarge, ClientDisconnected, RelayedBody
 from .client import client_address
 from .discovery import Registry, all_ready, create_registry
@@ -66,9 +66,9 @@ class RouteTarget:
     strip: str          # path prefix to remove before forwarding ("" for none)
 
 
-class Routes:
-    """One loaded config: its router, and its upstreams reading the registries given.
-    Swapped whole on reload, so a request sees one config from start to end."""
+class ActiveConfig:
+    """One loaded config made ready to serve: its router, its upstreams and the registries
+    they read. Swapped whole on reload, so a request sees one config from start to end."""
 
     def __init__(self, config: Config, registries: Mapping[str, Registry]):
         self.config = config
@@ -81,6 +81,7 @@ class Routes:
                                  service.path_prefix if api.strip_prefix else "")
             self.router.add(service.host, service.path_prefix + api.path, api.match, api.methods, target)
         self.router.build()
+        self.admin = Admin(config.gateway.admin_allow, config.registries, registries)
 
     def _upstream(self, service: ServiceConfig) -> Upstream:
         if service.nodes is not None:
@@ -113,11 +114,10 @@ class Gateway:
             transport = Transport(gateway.threads, gateway.connect_timeout, gateway.read_timeout,
                                   keepalive_timeout=gateway.upstream_keepalive_timeout)
         self.transport = transport
-        self.routes = Routes(config, {})
-        self.observers: list[Callable[[Exchange], None]] = [metrics.observe]
+        self.active = ActiveConfig(config, {})
+        self.observers: list[Callable[[RequestRecord], None]] = [metrics.observe]
         if gateway.access_log:
             self.observers.append(accesslog.observer(gateway.access_log_format))
-        self.admin = self._admin(self.routes)
 
     @classmethod
     def from_file(cls, path: str, fallback: WSGIApp | None = None) -> Gateway:
@@ -125,11 +125,11 @@ class Gateway:
 
     @property
     def config(self) -> Config:
-        return self.routes.config
+        return self.active.config
 
     @property
     def registries(self) -> Mapping[str, Registry]:
-        return self.routes.registries
+        return self.active.registries
 
     # -- lifecycle --
 
@@ -142,8 +142,7 @@ class Gateway:
             # registries inherited through fork have no threads: this process makes its own
             registries = {name: self._create_registry(registry_config)
                           for name, registry_config in self.config.registries.items() if registry_config.enabled}
-            self.routes = Routes(self.config, registries)
-            self.admin = self._admin(self.routes)
+            self.active = ActiveConfig(self.config, registries)
             for registry in registries.values():
                 registry.start()
 
@@ -158,7 +157,7 @@ class Gateway:
         ``ready_timeout`` seconds to list before the switch, so their services do not
         answer 503 in between. Requests in flight finish on the config they started with."""
         with self._lock:
-            old = self.routes
+            old = self.active
             registries: dict[str, Registry] = {}
             fresh = []
             for name, registry_config in config.registries.items():
@@ -177,8 +176,7 @@ class Gateway:
             self.transport.timeout = Transport.timeouts(config.gateway.connect_timeout,
                                                         config.gateway.read_timeout)
             self.transport.keepalive_timeout = config.gateway.upstream_keepalive_timeout
-            self.routes = Routes(config, registries)
-            self.admin = self._admin(self.routes)
+            self.active = ActiveConfig(config, registries)
         for name, registry in old.registries.items():
             if registries.get(name) is not registry:
                 registry.stop()
@@ -190,142 +188,138 @@ class Gateway:
             return self._registry_factory(registry_config)
         return create_registry(registry_config)
 
-    @staticmethod
-    def _admin(routes: Routes) -> Admin:
-        return Admin(routes.config.gateway.admin_allow, routes.config.registries, routes.registries)
-
     @property
     def ready(self) -> bool:
-        return all_ready(self.routes.config.registries, self.routes.registries)
+        return all_ready(self.active.config.registries, self.active.registries)
 
     # -- requests --
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         if self._started_pid != _pid:
             self.start()
-        routes = self.routes
-        gateway = routes.config.gateway
+        active = self.active
+        gateway = active.config.gateway
         method = environ["REQUEST_METHOD"]
         client = client_address(environ, gateway.trusted_proxies)
         try:
             request = parse_target(environ)
         except BadRequest as e:
-            exchange = Exchange(method, environ.get("PATH_INFO", ""), client, request_id(environ), time.perf_counter())
-            return self._error(exchange, start_response, 400, e.error, str(e))
+            record = RequestRecord(method, environ.get("PATH_INFO", ""), client, request_id(environ), time.perf_counter())
+            return self._error(record, start_response, 400, e.error, str(e))
         path = request.path
-        exchange = Exchange(method, path, client, request_id(environ), time.perf_counter())
+        record = RequestRecord(method, path, client, request_id(environ), time.perf_counter())
         admin_prefix = gateway.admin_prefix
         if path.startswith(admin_prefix):
-            answer = self.admin.handle(environ, path[len(admin_prefix):], exchange)
+            answer = active.admin.handle(environ, path[len(admin_prefix):], record)
             if answer is not None:
-                return self._respond_local(exchange, start_response, *answer)
+                return self._respond_local(record, start_response, *answer)
         try:
-            target = routes.router.match(request.host, path, method)
+            target = active.router.match(request.host, path, method)
         except NoRoute:
             if self.fallback is not None:
                 return self.fallback(environ, start_response)
-            return self._error(exchange, start_response, 404, "route_not_found",
+            return self._error(record, start_response, 404, "route_not_found",
                                f"no route for host {request.host or ''!r} and path {path!r}")
         except MethodNotAllowed as e:
-            return self._error(exchange, start_response, 405, "method_not_allowed",
+            return self._error(record, start_response, 405, "method_not_allowed",
                                f"{method} is not allowed here", [("Allow", ", ".join(e.allowed))])
-        exchange.service, exchange.api = target.service.name, target.api
-        return self._forward(environ, start_response, target, request, exchange, routes)
+        record.service, record.api = target.service.name, target.api
+        return self._forward(environ, start_response, target, request, record, active)
 
     def _forward(self, environ: dict, start_response: Callable, target: RouteTarget, request: Target,
-                 exchange: Exchange, routes: Routes) -> Iterable[bytes]:
+                 record: RequestRecord, active: ActiveConfig) -> Iterable[bytes]:
         service = target.service
         upstream = target.upstream
         try:
             nodes = upstream.nodes()
         except NoNodes:
-            return self._no_upstream(exchange, start_response, service, routes)
+            return self._no_upstream(record, start_response, service, active)
         try:
             request_target = forward_target(request, target.strip)
-            body, length = request_body(environ, routes.config.gateway.max_body_size)
+            body, length = request_body(environ, active.config.gateway.max_body_size)
         except BadRequest as e:
-            return self._error(exchange, start_response, 400, e.error, str(e))
+            return self._error(record, start_response, 400, e.error, str(e))
         except BodyTooLarge as e:
-            return self._error(exchange, start_response, 413, "body_too_large", str(e))
+            return self._error(record, start_response, 413, "body_too_large", str(e))
         headers = request_headers(environ)
         if length is not None:
             headers["Content-Length"] = str(length)
         chunked = body is not None and length is None
-        add_forwarded_headers(headers, environ, routes.config.gateway.trusted_proxies, request.host,
-                              exchange.client)
-        headers["X-Request-Id"] = exchange.request_id
+        add_forwarded_headers(headers, environ, active.config.gateway.trusted_proxies, request.host,
+                              record.client)
+        headers["X-Request-Id"] = record.request_id
         try:
-            response = upstream.send(self.transport, exchange, request_target, headers, body, chunked,
+            response = upstream.send(self.transport, record, request_target, headers, body, chunked,
                                      request.host, nodes)
         except NoNodes:
-            return self._no_upstream(exchange, start_response, service, routes)
+            return self._no_upstream(record, start_response, service, active)
         except InvalidRequest as e:
-            return self._error(exchange, start_response, 400, "bad_request", str(e))
+            return self._error(record, start_response, 400, "bad_request", str(e))
         except ClientDisconnected as e:
-            exchange.error = str(e)
-            return self._error(exchange, start_response, 400, "client_disconnected", str(e))
+            record.error = str(e)
+            return self._error(record, start_response, 400, "client_disconnected", str(e))
         except BodyTooLarge as e:
-            exchange.error = str(e)
-            return self._error(exchange, start_response, 413, "body_too_large", str(e))
+            record.error = str(e)
+            return self._error(record, start_response, 413, "body_too_large", str(e))
         except UpstreamFailure as failure:
-            exchange.error = str(failure)
+            record.error = str(failure)
             if failure.timed_out:
-                return self._error(exchange, start_response, 504, "upstream_timeout",
+                return self._error(record, start_response, 504, "upstream_timeout",
                                    f"upstream {service.name} did not answer in time", service=service.name)
             kind = "upstream_unreachable" if isinstance(failure, ConnectFailed) else "upstream_error"
-            return self._error(exchange, start_response, 502, kind,
+            return self._error(record, start_response, 502, kind,
                                f"upstream {service.name}: {failure.reason}", service=service.name)
-        return self._relay(exchange, start_response, response, environ)
+        return self._relay(record, start_response, response, environ)
 
-    def _relay(self, exchange: Exchange, start_response: Callable, response: Any,
+    def _relay(self, record: RequestRecord, start_response: Callable, response: Any,
                environ: dict) -> Iterable[bytes]:
         status = response.status
         headers = response_headers(response)
         headers.append(("X-Kproxy-Upstream-Status", str(status)))
-        headers.append(("X-Request-Id", exchange.request_id))
-        exchange.status = status
+        headers.append(("X-Request-Id", record.request_id))
+        record.status = status
         start_response(f"{status} {response.reason or ''}".rstrip(), headers)
-        if exchange.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
+        if record.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
             response.release_conn()
-            self._finish(exchange)
+            self._finish(record)
             return []
-        return RelayedBody(response, exchange, self._finish, environ.get("gunicorn.socket"))
+        return RelayedBody(response, record, self._finish, environ.get("gunicorn.socket"))
 
     # -- local answers --
 
-    def _no_upstream(self, exchange: Exchange, start_response: Callable, service: ServiceConfig,
-                     routes: Routes) -> Iterable[bytes]:
-        if service.registry and not routes.config.registries[service.registry].enabled:
+    def _no_upstream(self, record: RequestRecord, start_response: Callable, service: ServiceConfig,
+                     active: ActiveConfig) -> Iterable[bytes]:
+        if service.registry and not active.config.registries[service.registry].enabled:
             why = f"registry {service.registry} is disabled"
         elif service.registry:
             why = (f"no ready endpoints for {service.namespace}/{service.service_name} port {service.port} "
                    f"in registry {service.registry}")
         else:
             why = "no nodes"
-        return self._error(exchange, start_response, 503, "no_upstream", why, service=service.name)
+        return self._error(record, start_response, 503, "no_upstream", why, service=service.name)
 
-    def _error(self, exchange: Exchange, start_response: Callable, status: int, error: str, message: str,
+    def _error(self, record: RequestRecord, start_response: Callable, status: int, error: str, message: str,
                extra_headers: list[tuple[str, str]] = (), **fields: str) -> Iterable[bytes]:
-        payload = {"error": error, **fields, "message": message, "request_id": exchange.request_id}
-        return self._respond_local(exchange, start_response, status, json.dumps(payload).encode() + b"\n",
+        payload = {"error": error, **fields, "message": message, "request_id": record.request_id}
+        return self._respond_local(record, start_response, status, json.dumps(payload).encode() + b"\n",
                                    "application/json", list(extra_headers))
 
-    def _respond_local(self, exchange: Exchange, start_response: Callable, status: int, body: bytes,
+    def _respond_local(self, record: RequestRecord, start_response: Callable, status: int, body: bytes,
                        content_type: str, extra_headers: list[tuple[str, str]] = ()) -> Iterable[bytes]:
-        exchange.status = status
+        record.status = status
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                   ("X-Request-Id", exchange.request_id), *extra_headers]
+                   ("X-Request-Id", record.request_id), *extra_headers]
         start_response(f"{status} {HTTP_STATUS_CODES.get(status, '')}", headers)
-        if exchange.method == "HEAD":
+        if record.method == "HEAD":
             body = b""
-        exchange.bytes_sent = len(body)
-        self._finish(exchange)
+        record.bytes_sent = len(body)
+        self._finish(record)
         return [body]
 
-    def _finish(self, exchange: Exchange) -> None:
+    def _finish(self, record: RequestRecord) -> None:
         for observer in self.observers:
             try:
-                observer(exchange)
+                observer(record)
             except Exception:  # an observer must never break a response
                 log.exception("observer %r failed", observer)
 

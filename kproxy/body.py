@@ -4,7 +4,7 @@ WSGI response iterable.
 ::
 
     body = BodyReader(environ["wsgi.input"], length=1024)      # never reads past its length
-    answer = RelayedBody(response, exchange, on_close, client_socket)
+    answer = RelayedBody(response, record, on_close, client_socket)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import IO, Any, Callable, Iterator
 
-from .exchange import Exchange
+from .record import RequestRecord
 from .http1 import BrokenBody
 
 log = logging.getLogger("kproxy")
@@ -32,26 +32,26 @@ class RelayedBody:
     pooled connection. An upstream that breaks off mid-body makes the client's connection
     end too, rather than a truncated body end as if it were complete."""
 
-    __slots__ = ("_response", "_exchange", "_finish", "_client", "_done")
+    __slots__ = ("_response", "_record", "_finish", "_client", "_done")
 
-    def __init__(self, response: Any, exchange: Exchange, finish: Callable[[Exchange], None],
+    def __init__(self, response: Any, record: RequestRecord, finish: Callable[[RequestRecord], None],
                  client: socket.socket | None):
-        self._response, self._exchange, self._finish = response, exchange, finish
+        self._response, self._record, self._finish = response, record, finish
         self._client = client
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
-        exchange = self._exchange
+        record = self._record
         read1 = self._response.read1
         try:
             while chunk := read1(CHUNK_SIZE):
-                exchange.bytes_sent += len(chunk)
+                record.bytes_sent += len(chunk)
                 yield chunk
         except BrokenBody as e:
-            exchange.error = f"upstream broke off mid-body: {e}"
-            exchange.failures.append("broken_body")
-            log.warning("upstream %s node %s: %s (request %s)", exchange.service,
-                        exchange.node.address if exchange.node else "-", exchange.error, exchange.request_id)
+            record.error = f"upstream broke off mid-body: {e}"
+            record.failures.append("broken_body")
+            log.warning("upstream %s node %s: %s (request %s)", record.service,
+                        record.node.address if record.node else "-", record.error, record.request_id)
             # The client must see a truncated answer, never a complete-looking one. Where the
             # server hands us its socket (gunicorn), end the connection here, quietly; elsewhere
             # raising is the only way to make the server abort it.
@@ -67,7 +67,7 @@ class RelayedBody:
             return
         self._done = True
         self._response.release_conn()  # closed if not read to the end
-        self._finish(self._exchange)
+        self._finish(self._record)
 
 
 class BodyReader:

@@ -1,6 +1,6 @@
 """Prometheus metrics, with ``prometheus_client``.
 
-Request metrics are recorded from each finished ``Exchange`` (``Gateway.observers``).
+Request metrics are recorded from each finished ``RequestRecord`` (``Gateway.observers``).
 Under gunicorn, ``conf/gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any
 worker starts, and a scrape of any worker returns the sum over all workers. Discovery
 metrics are read from the registries of the worker that answers the scrape: every worker
@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .discovery import Registry
-    from .exchange import Exchange
+    from .record import RequestRecord
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 _BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
@@ -140,37 +140,37 @@ _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 _upstream_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
-def observe(exchange: Exchange) -> None:
+def observe(record: RequestRecord) -> None:
     """Record one finished request (a ``Gateway`` observer)."""
     if _flusher is None:
         _start_flusher()
-    method = exchange.method if exchange.method in _METHODS else "OTHER"  # clients choose methods
-    key = (exchange.service, exchange.api, method, exchange.status // 100)
+    method = record.method if record.method in _METHODS else "OTHER"  # clients choose methods
+    key = (record.service, record.api, method, record.status // 100)
     children = _request_children.get(key)
     if children is None:
         children = _request_children.setdefault(key, (
-            REQUESTS.labels(exchange.service, exchange.api, method, f"{key[3]}xx"),
-            DURATION.labels(exchange.service)))
+            REQUESTS.labels(record.service, record.api, method, f"{key[3]}xx"),
+            DURATION.labels(record.service)))
     batch = _batch
     batch.inc(children[0])
-    batch.observe(children[1], time.perf_counter() - exchange.started)
-    if exchange.upstream_status is not None:
-        upstream_key = (exchange.service, exchange.upstream_status)
+    batch.observe(children[1], time.perf_counter() - record.started)
+    if record.upstream_status is not None:
+        upstream_key = (record.service, record.upstream_status)
         upstream = _upstream_children.get(upstream_key)
         if upstream is None:
             upstream = _upstream_children.setdefault(upstream_key, (
-                UPSTREAM_RESPONSES.labels(exchange.service, str(exchange.upstream_status)),
-                UPSTREAM_DURATION.labels(exchange.service)))
+                UPSTREAM_RESPONSES.labels(record.service, str(record.upstream_status)),
+                UPSTREAM_DURATION.labels(record.service)))
         batch.inc(upstream[0])
-        batch.observe(upstream[1], exchange.upstream_seconds or 0.0)
-    for kind in exchange.failures:
-        UPSTREAM_ERRORS.labels(exchange.service, kind).inc()
+        batch.observe(upstream[1], record.upstream_seconds or 0.0)
+    for kind in record.failures:
+        UPSTREAM_ERRORS.labels(record.service, kind).inc()
         if kind.startswith("connect") or kind == "tls":
-            CONNECT_FAILURES.labels(exchange.service).inc()
-    if exchange.attempts > 1:
-        RETRIES.labels(exchange.service).inc(exchange.attempts - 1)
-    if exchange.ejections:
-        EJECTIONS.labels(exchange.service).inc(exchange.ejections)
+            CONNECT_FAILURES.labels(record.service).inc()
+    if record.attempts > 1:
+        RETRIES.labels(record.service).inc(record.attempts - 1)
+    if record.ejections:
+        EJECTIONS.labels(record.service).inc(record.ejections)
 
 
 class DiscoveryCollector(Collector):

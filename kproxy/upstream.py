@@ -5,7 +5,7 @@ place::
     upstream = Upstream("sd-app", StaticNodes((Node("10.0.0.7", 8080), Node("10.0.0.8", 8080, 3))))
     node = upstream.pick()            # smooth weighted round robin
     upstream.failed(node)             # passive health: skipped for ``cooldown`` seconds
-    response = upstream.send(transport, exchange, "/anything", headers)   # with retries
+    response = upstream.send(transport, record, "/anything", headers)   # with retries
 
 An ``Upstream`` asks its node source for the current nodes on every request, so static
 lists (``StaticNodes``) and live discovery (``RegistryNodes``) feed it the same way. A
@@ -26,7 +26,7 @@ from .node import Node
 from .transport import ConnectFailed, UpstreamFailure, UpstreamResponse
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
+    from .record import RequestRecord
     from .pool import TLSPolicy
     from .transport import Transport
 
@@ -142,14 +142,14 @@ class Upstream:
         with self._lock:
             return [n for n, t in self._ejected.items() if t > now]
 
-    def send(self, transport: Transport, exchange: Exchange, target: str, headers: dict[str, str],
+    def send(self, transport: Transport, record: RequestRecord, target: str, headers: dict[str, str],
              body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
              host: str | None = None, nodes: tuple[Node, ...] | None = None) -> UpstreamResponse:
         """Send the request to the next node, and on to others while that is safe: after a
         connect failure (nothing was sent) whatever the method, after a failure once the
         request was sent only if it can be replayed (no body, idempotent method). Nodes
         that refused or timed out are ejected. ``host``: the client's Host (for ``pass``).
-        ``exchange`` gets the node, the attempts, the failures and the ejections.
+        ``record`` gets the node, the attempts, the failures and the ejections.
 
         Raises NoNodes when there was no node to try, the last UpstreamFailure when every
         try failed; the client's own failures (InvalidRequest, ClientDisconnected,
@@ -160,7 +160,7 @@ class Upstream:
             headers["Host"] = self.upstream_host or ""
         elif host is not None:
             headers["Host"] = host
-        replayable = body is None and exchange.method in IDEMPOTENT
+        replayable = body is None and record.method in IDEMPOTENT
         retries = self.retries if self.retries is not None else len(nodes) - 1
         tried: list[Node] = []
         failure: UpstreamFailure | None = None
@@ -172,24 +172,24 @@ class Upstream:
             tried.append(node)
             if self.pass_host == "node":
                 headers["Host"] = node.address
-            exchange.node, exchange.attempts = node, len(tried)
+            record.node, record.attempts = node, len(tried)
             sent = time.perf_counter()
             try:
-                response = transport.send(node, exchange.method, target, headers, body, chunked,
+                response = transport.send(node, record.method, target, headers, body, chunked,
                                           self.scheme, self.tls, replayable)
             except UpstreamFailure as e:
                 failure = e
-                exchange.failures.append(e.kind)
+                record.failures.append(e.kind)
                 if isinstance(e, ConnectFailed) or e.timed_out:
                     self.failed(node)
-                    exchange.ejections += 1
+                    record.ejections += 1
                 log.warning("upstream %s node %s: %s (request %s)", self.name, node.address, e.reason,
-                            exchange.request_id)
+                            record.request_id)
                 if isinstance(e, ConnectFailed) or replayable:
                     continue
                 break
-            exchange.upstream_seconds = time.perf_counter() - sent
-            exchange.upstream_status = response.status
+            record.upstream_seconds = time.perf_counter() - sent
+            record.upstream_status = response.status
             return response
         if failure is None:
             raise NoNodes(self.name)

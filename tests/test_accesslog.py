@@ -10,14 +10,13 @@ import time
 import pytest
 
 from kproxy import accesslog
-from kproxy.exchange import Exchange
+from kproxy.record import RequestRecord
 
 from .conftest import wait_until
 
 
-def exchange(request_id: str) -> Exchange:
-    e = Exchange("GET", "/p", "127.0.0.1", request_id, time.perf_counter(), status=200)
-    return e
+def finished(request_id: str) -> RequestRecord:
+    return RequestRecord("GET", "/p", "127.0.0.1", request_id, time.perf_counter(), status=200)
 
 
 @pytest.fixture
@@ -36,11 +35,11 @@ def test_lines_are_written_within_the_flush_interval_and_all_on_close(access_log
     stream = io.StringIO()
     handler = accesslog.AccessLogHandler(stream, flush_interval=0.2)
     access_logger.addHandler(handler)
-    record = accesslog.observer("text")
-    record(exchange("first"))
+    log_line = accesslog.observer("text")
+    log_line(finished("first"))
     wait_until(lambda: "rid=first" in stream.getvalue(), timeout=3)
     for i in range(3):
-        record(exchange(f"late-{i}"))
+        log_line(finished(f"late-{i}"))
     handler.close()
     lines = stream.getvalue().splitlines()
     assert [line.rsplit("rid=", 1)[1] for line in lines] == ["first", "late-0", "late-1", "late-2"]
@@ -50,9 +49,9 @@ def test_a_full_buffer_is_written_at_once(access_logger):
     stream = io.StringIO()
     handler = accesslog.AccessLogHandler(stream, flush_interval=60)
     access_logger.addHandler(handler)
-    record = accesslog.observer("text")
+    log_line = accesslog.observer("text")
     for i in range(2000):  # ~100 bytes each: past the 64 KiB buffer
-        record(exchange(f"n{i}"))
+        log_line(finished(f"n{i}"))
     assert len(stream.getvalue()) >= accesslog.AccessLogHandler.BUFFER
 
 
@@ -63,5 +62,5 @@ def test_an_app_that_configures_the_logger_gets_log_records(access_logger):
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record)
     access_logger.addHandler(Collect())
-    accesslog.observer("json")(exchange("through-logging"))
+    accesslog.observer("json")(finished("through-logging"))
     assert len(records) == 1 and '"request_id":"through-logging"' in records[0].getMessage()

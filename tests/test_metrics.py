@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kproxy import metrics
-from kproxy.exchange import Exchange
+from kproxy.record import RequestRecord
 from kproxy.node import Node
 
 
@@ -37,10 +37,10 @@ def test_a_batch_counts_what_prometheus_client_counts():
 
 
 def test_a_scrape_shows_every_request_finished_before_it():
-    exchange = Exchange("GET", "/x", "127.0.0.1", "rid", time.perf_counter(), service="scrape-test", api="a",
+    record = RequestRecord("GET", "/x", "127.0.0.1", "rid", time.perf_counter(), service="scrape-test", api="a",
                         node=Node("127.0.0.1", 1), upstream_status=200, upstream_seconds=0.002, status=200)
     for _ in range(3):
-        metrics.observe(exchange)
+        metrics.observe(record)
 
     text = metrics.exposition({})[0].decode()
     assert 'kproxy_requests_total{api="a",code="2xx",method="GET",service="scrape-test"} 3.0' in text

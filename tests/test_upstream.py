@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from kproxy.exchange import Exchange
+from kproxy.record import RequestRecord
 from kproxy.node import Node
 from kproxy.transport import ConnectFailed, ExchangeFailed, Transport
 from kproxy.upstream import NoNodes, Upstream
@@ -285,14 +285,14 @@ def hang_up(conn) -> None:
 
 def tries(method: str = "GET", retries: int | None = None, *nodes: Node, body=None):
     upstream = Upstream("svc", Source(*nodes), retries=retries)
-    exchange = Exchange(method, "/", "127.0.0.1", "id", 0.0)
+    record = RequestRecord(method, "/", "127.0.0.1", "id", 0.0)
     transport = Transport(connect_timeout=2, read_timeout=2)
     try:
-        response = upstream.send(transport, exchange, "/", {"Host": "svc"}, body, chunked=body is not None)
+        response = upstream.send(transport, record, "/", {"Host": "svc"}, body, chunked=body is not None)
         response.release_conn()
-        return upstream, exchange, response.status
+        return upstream, record, response.status
     except Exception as e:  # the failure, for the test to look at
-        return upstream, exchange, e
+        return upstream, record, e
     finally:
         transport.close()
 
@@ -303,9 +303,9 @@ def node_of(server) -> Node:
 
 def test_a_refused_connection_moves_on_to_the_next_node_whatever_the_method(raw_upstream):
     refused, good = Node("127.0.0.1", closed_port()), node_of(raw_upstream(answer_ok))
-    upstream, exchange, status = tries("POST", None, refused, good, body=[b"x"])
-    assert status == 200 and exchange.attempts == 2 and exchange.failures == ["connect_refused"]
-    assert upstream.ejected() == [refused] and exchange.ejections == 1
+    upstream, record, status = tries("POST", None, refused, good, body=[b"x"])
+    assert status == 200 and record.attempts == 2 and record.failures == ["connect_refused"]
+    assert upstream.ejected() == [refused] and record.ejections == 1
 
 
 def test_a_request_that_reached_a_node_is_sent_again_only_when_replayable(raw_upstream):
@@ -313,22 +313,22 @@ def test_a_request_that_reached_a_node_is_sent_again_only_when_replayable(raw_up
     for method, body, replayed in [("GET", None, True), ("POST", None, False), ("PUT", [b"x"], False)]:
         upstream = None
         for _ in range(2):  # round robin: once with the broken node first
-            upstream, exchange, result = tries(method, None, broken, good, body=body)
-            if exchange.failures:
+            upstream, record, result = tries(method, None, broken, good, body=body)
+            if record.failures:
                 break
-        assert exchange.failures == ["bad_response"], method
+        assert record.failures == ["bad_response"], method
         if replayed:
-            assert result == 200 and exchange.attempts == 2
+            assert result == 200 and record.attempts == 2
         else:
-            assert isinstance(result, ExchangeFailed) and exchange.attempts == 1, method
+            assert isinstance(result, ExchangeFailed) and record.attempts == 1, method
         assert upstream.ejected() == []  # a bad answer is not an ejection: the node is up
 
 
 def test_retries_bound_the_tries_and_the_last_failure_is_raised():
     nodes = [Node("127.0.0.1", closed_port()) for _ in range(4)]
     for retries, attempts in [(0, 1), (2, 3), (None, 4)]:
-        _, exchange, result = tries("GET", retries, *nodes)
-        assert isinstance(result, ConnectFailed) and exchange.attempts == attempts, retries
+        _, record, result = tries("GET", retries, *nodes)
+        assert isinstance(result, ConnectFailed) and record.attempts == attempts, retries
 
 
 def test_pass_host_decides_the_host_each_node_sees(raw_upstream):
@@ -339,7 +339,7 @@ def test_pass_host_decides_the_host_each_node_sees(raw_upstream):
                                                    ("rewrite", "internal.test", "internal.test")]:
             upstream = Upstream("svc", Source(node), pass_host=pass_host, upstream_host=upstream_host)
             headers: dict[str, str] = {}
-            upstream.send(transport, Exchange("GET", "/", "c", "id", 0.0), "/", headers, host="client.test").release_conn()
+            upstream.send(transport, RequestRecord("GET", "/", "c", "id", 0.0), "/", headers, host="client.test").release_conn()
             assert headers["Host"] == expected, pass_host
     finally:
         transport.close()
@@ -347,4 +347,4 @@ def test_pass_host_decides_the_host_each_node_sees(raw_upstream):
 
 def test_no_node_to_try_is_no_nodes():
     with pytest.raises(NoNodes):
-        Upstream("svc", Source()).send(Transport(), Exchange("GET", "/", "c", "id", 0.0), "/", {})
+        Upstream("svc", Source()).send(Transport(), RequestRecord("GET", "/", "c", "id", 0.0), "/", {})

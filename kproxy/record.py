@@ -1,4 +1,4 @@
-"""An exchange: what happened to one request, from arrival to the last byte of its answer.
+"""A request record: what happened to one request, from arrival to the last byte of its answer.
 
 The gateway fills it in as the request goes (route, node, upstream status and time,
 failures); when the answer is closed, every observer (metrics, the access log) reads it.
@@ -12,7 +12,7 @@ from .node import Node
 
 
 @dataclass(slots=True)
-class Exchange:
+class RequestRecord:
     method: str
     path: str
     client: str
