@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from _common import BODY  # noqa: E402
+from bench._common import BODY  # noqa: E402
 
 _HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(BODY)))]
 

@@ -1,4 +1,5 @@
-"""Shared parts of the benchmarks: processes, the upstream, the load generator, memory.
+"""Shared parts of the benchmarks: the upstream, the load generator, memory; processes
+and ports come from ``kproxy_tools.common``.
 
 Everything listens on 127.0.0.1 only. Every process is started in its own session
 (process group) and stopped with ``Proc.stop`` (signal to the group, then SIGKILL), and
@@ -8,14 +9,12 @@ the callers stop them in ``finally`` blocks. Nothing here installs anything: ``w
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kproxy_tools import common
+from kproxy_tools.common import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
-if str(ROOT) not in sys.path:  # this checkout's kproxy, whatever else is installed
-    sys.path.insert(1, str(ROOT))
 
 # The upstream's answer: ~100 bytes of JSON, the same from nginx, the Python fallback and
 # the hello-world ceiling.
@@ -42,70 +42,19 @@ THREADS = 8
 KEEPALIVE = 5
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def say(*args: Any) -> None:
     print(*args, flush=True)
 
 
 # -- processes --
 
-class Proc:
-    """A process we started, in its own process group, output to a log file."""
+class Proc(common.Proc):
+    """A process started in the checkout, whose relative paths (conf/gunicorn.conf.py)
+    the commands use."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,
-                 stop_signal: int = signal.SIGTERM, cwd: Path = ROOT):
-        self.name, self.cmd, self.log, self.stop_signal = name, cmd, log, stop_signal
-        with open(log, "ab") as out:
-            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, cwd=cwd, start_new_session=True)
-        self.pid = self.popen.pid
-        self.started = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        for sig, wait in ((self.stop_signal, grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)  # own session: pgid == pid
-            try:
-                self.popen.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):  # leftovers of the group, if any
-            os.killpg(self.pid, signal.SIGKILL)
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (gunicorn workers of a master)."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    out += [int(p) for p in f.read().split()]
-    return sorted(out)
+    def __init__(self, name: str, cmd: list[str], log: Path, **kwargs: Any):
+        kwargs.setdefault("cwd", ROOT)
+        super().__init__(name, cmd, log, **kwargs)
 
 
 def _descendants_cpu(root: int) -> float:

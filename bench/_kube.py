@@ -1,7 +1,7 @@
-"""The real kube-apiserver of ``kproxy.testenv`` for the discovery benchmarks.
+"""The real kube-apiserver of ``kproxy_tools.testenv`` for the discovery benchmarks.
 
 Only a cached binary is used: the benchmark never builds or installs one (``python -m
-kproxy.testenv provision`` does, once). Credentials are a ServiceAccount token with the
+kproxy_tools.testenv provision`` does, once). Credentials are a ServiceAccount token with the
 recommended RBAC (list/watch endpointslices, endpoints, services), written to a file as
 a pod would have it.
 """
@@ -12,21 +12,21 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT
+from bench._common import ROOT
 
 
 def unavailable() -> str | None:
     """Why the real API server cannot be used here, or None."""
     try:
-        from kproxy import testenv
+        from kproxy_tools import testenv
     except ImportError as e:
-        return f"kproxy.testenv cannot be imported: {e}"
+        return f"kproxy_tools.testenv cannot be imported: {e}"
     if not testenv.binary_path().exists():
         return (f"kube-apiserver is not built ({testenv.binary_path()} is missing); "
-                "run `python -m kproxy.testenv provision` once")
+                "run `python -m kproxy_tools.testenv provision` once")
     for tool in ("etcd", "etcdctl", "openssl"):
         if testenv.find_tool(tool) is None:
-            return f"{tool} is not installed (python -m kproxy.testenv provision installs it)"
+            return f"{tool} is not installed (python -m kproxy_tools.testenv provision installs it)"
     return None
 
 
@@ -57,7 +57,7 @@ def discovery_commit() -> str:
 
 
 def start() -> Any:
-    from kproxy.testenv import KubeAPIServer, binary_path
+    from kproxy_tools.testenv import KubeAPIServer, binary_path
     return KubeAPIServer(binary_path()).start()
 
 

@@ -1,4 +1,4 @@
-"""Discovery benchmarks on a real kube-apiserver (``kproxy.testenv``; never part of the tests).
+"""Discovery benchmarks on a real kube-apiserver (``kproxy_tools.testenv``; never part of the tests).
 
     python bench/discovery.py [--services 5000] [--addresses 10] [--writes 50] [--json FILE]
 
@@ -15,7 +15,7 @@
     Target: p99 at most 100 ms.
 
 Skipped, with the reason, when the API server is not provisioned (``python -m
-kproxy.testenv provision``) or kproxy's discovery is not complete. Addresses are
+kproxy_tools.testenv provision``) or kproxy's discovery is not complete. Addresses are
 loopback (127.x.y.z; the test build accepts them) and nothing but the two local
 upstream nodes is ever sent a request.
 """
@@ -37,11 +37,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-import _kube  # noqa: E402
-from _common import (HOST, PATH, PYTHON, Proc, children, client_ports_by_worker, free_ports, node_body,  # noqa: E402
-                     rss_mb, say, start_upstream, table, wait_http)
+from bench import _kube  # noqa: E402
+from bench._common import (HOST, PATH, PYTHON, Proc, client_ports_by_worker, node_body, rss_mb, say,  # noqa: E402
+                           start_upstream, table, wait_http)
+from kproxy_tools.common import children, free_ports, session as loopback_session  # noqa: E402
 
 SYNC_NS, CONV_NS = "bench-sync", "bench-conv"
 TARGET_READY_S, TARGET_EXTRA_MB, TARGET_CONVERGE_MS = 2.0, 80.0, 100.0
@@ -95,15 +96,13 @@ def start_kproxy(workdir: Path, name: str, text: str) -> Proc:
 
 def create_endpoints(kube: Any, services: int, addresses: int, threads: int) -> float:
     """Create the Endpoints with ``threads`` threads; the seconds it took."""
-    import requests
     kube.apply({"kind": "Namespace", "metadata": {"name": SYNC_NS}})
     errors: list[str] = []
     next_index = iter(range(services))
     lock = threading.Lock()
 
     def work() -> None:
-        session = requests.Session()
-        session.trust_env = False  # loopback only; the machine's CA bundle variables do not apply
+        session = loopback_session()
         url = f"{kube.url}/api/v1/namespaces/{SYNC_NS}/endpoints"
         headers = {"Authorization": f"Bearer {kube.admin_token}"}
         while True:
@@ -302,7 +301,7 @@ def bench_convergence(workdir: Path, kube: Any, token: Path, nodes: list[int], r
 
 
 def _kube_path(obj: dict) -> str:
-    from kproxy.testenv import resource_path
+    from kproxy_tools.common import resource_path
     return resource_path(obj)
 
 
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream = start_upstream(workdir, extra_nodes=2)
         say(f"upstream nodes ({upstream.kind}): 127.0.0.1:{upstream.extra_ports[0]}, 127.0.0.1:{upstream.extra_ports[1]}")
-        say("starting kube-apiserver + etcd (kproxy.testenv) ...")
+        say("starting kube-apiserver + etcd (kproxy_tools.testenv) ...")
         kube = _kube.start()
         token = _kube.token_file(kube, workdir)
         convergence = []

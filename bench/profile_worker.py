@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from _common import HOST, KEEPALIVE, PYTHON, THREADS, Proc, children, free_ports, run_load, say, start_upstream, table, wait_http  # noqa: E402,E501
-from run import STATIC_INI, _kproxy_env, Env  # noqa: E402
+from bench._common import HOST, KEEPALIVE, PYTHON, THREADS, Proc, run_load, say, start_upstream, table, wait_http  # noqa: E402,E501
+from kproxy_tools.common import children, free_ports  # noqa: E402
+from bench.run import STATIC_INI, _kproxy_env, Env  # noqa: E402
 
 # Areas of the request path: the first pattern found in a stack (innermost frame first)
 # names the area the sample belongs to.

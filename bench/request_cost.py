@@ -33,9 +33,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from _common import HOST, PATH, say, start_upstream, table  # noqa: E402
+from bench._common import HOST, PATH, say, start_upstream, table  # noqa: E402
 
 INI = """\
 [kproxy]

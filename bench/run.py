@@ -15,7 +15,7 @@ What it does (everything on 127.0.0.1; every process it starts is stopped at the
    - peer: werkzeug's ``ProxyMiddleware`` forwarding to the upstream;
    - kproxy under gunicorn (``conf/gunicorn.conf.py``) and under ``kproxy serve``, with a
      static node; kproxy under gunicorn with the node from Kubernetes discovery (a real
-     kube-apiserver from ``kproxy.testenv``, Service + EndpointSlice), when the API
+     kube-apiserver from ``kproxy_tools.testenv``, Service + EndpointSlice), when the API
      server is provisioned and discovery works (else skipped, with the reason);
    - nginx as a reverse proxy to the same upstream (native reference, 1 worker only).
 
@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-import _kube  # noqa: E402
-from _common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, LoadResult, Proc,  # noqa: E402
-                     Upstream, children, connections_per_worker, cpu_snapshot, foreign_share, free_ports, median,
-                     rss_mb, rst_table,
-                     run_load, say, start_upstream, table, wait_http, wrk_path)
+from bench import _kube  # noqa: E402
+from bench._common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, LoadResult, Proc,  # noqa: E402
+                           Upstream, connections_per_worker, cpu_snapshot, foreign_share, median, rss_mb, rst_table,
+                           run_load, say, start_upstream, table, wait_http, wrk_path)
+from kproxy_tools.common import children, free_ports  # noqa: E402
 
 CEILING, PEER, CEILING_KW = "ceiling", "peer", "ceiling-kproxy-worker"
 KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX = "kproxy-gunicorn", "kproxy-serve", "kproxy-discovery", "nginx-proxy"
@@ -199,7 +199,7 @@ def setup_discovery(env: Env) -> None:
         env.discovery_skip = reason
         return
     try:
-        say("starting kube-apiserver + etcd (kproxy.testenv) ...")
+        say("starting kube-apiserver + etcd (kproxy_tools.testenv) ...")
         env.kube = _kube.start()
         env.token = _kube.token_file(env.kube, env.workdir)
         env.kube.apply({"kind": "Namespace", "metadata": {"name": "bench"}})

@@ -6,8 +6,8 @@ keep-alive clients, mixed GET/POST with bodies from 0 B to 5 MB (never part of t
 
 What it does (everything on 127.0.0.1; every process it starts is stopped in ``finally``):
 
-1. A real etcd + kube-apiserver (``kproxy.testenv``; the cached binary, or the first-time
-   build ``python -m kproxy.testenv provision`` does).
+1. A real etcd + kube-apiserver (``kproxy_tools.testenv``; the cached binary, or the
+   first-time build ``python -m kproxy_tools.testenv provision`` does).
 2. ``--nodes`` (2) upstream servers, each a gunicorn (gthread, 64 threads, keep-alive
    ``--upstream-keepalive``, 2 s as gunicorn's default: kproxy's pooled upstream
    connections are reused, and the nodes close the idle ones, which kproxy must never
@@ -66,8 +66,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +75,11 @@ import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
+
+from bench._common import Proc, say  # noqa: E402
+from kproxy_tools.common import children, free_port, session as loopback_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -153,9 +156,10 @@ def start_upstream(name: str, log: Path, threads: int = 64, timeout: float = 30.
     process, with ``.port`` set."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["SOAK_NODE"] = name
-    proc = Proc([PYTHON, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads),
-                 "--keep-alive", str(keepalive), "--worker-connections", "1000", "--no-control-socket",
-                 "-b", "127.0.0.1:0", "--chdir", str(ROOT / "bench"), "soak:upstream_app()"], log, env=env)
+    cmd = [PYTHON, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads), "--keep-alive",
+           str(keepalive), "--worker-connections", "1000", "--no-control-socket", "-b", "127.0.0.1:0",
+           "bench.soak:upstream_app()"]
+    proc = Proc(f"upstream {name}", cmd, log, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
@@ -244,8 +248,7 @@ def client_loop(url: str, deadline: float, seed: int, max_body: int, stats: Clie
     data = payload()
     rng = random.Random(seed)
     names, weights = zip(*KINDS)
-    session = requests.Session()
-    session.trust_env = False  # loopback only: no proxy or CA bundle from the environment
+    session = loopback_session()
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
     session.mount("http://", adapter)
     stats.clients += 1
@@ -413,19 +416,6 @@ def established_clients(listen_port: int) -> int:
     return sum(1 for local, _, state in tcp_sockets().values() if local == listen_port and state == "01")
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -488,37 +478,6 @@ def metric_sum(text: str, name: str, label_filter: str = "") -> float:
 
 # -- the soak --
 
-class Proc:
-    """A child process in its own process group; ``stop`` ends that group."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
-        self.log = log
-        self.port = 0
-        self._log_file = open(log, "wb")
-        self.popen = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                                      stdout=self._log_file, stderr=self._log_file)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self, grace: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        self._log_file.close()
-
-
-def say(*args: Any) -> None:
-    print(*args, flush=True)
-
-
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -533,10 +492,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 def get(url: str, timeout: float = 5.0, host: str | None = None) -> Any:
-    import requests
-    s = requests.Session()
-    s.trust_env = False
-    with s:
+    with loopback_session() as s:
         return s.get(url, timeout=timeout, headers={"Host": host} if host else None)
 
 
@@ -625,7 +581,7 @@ def drive(url: str, clients: int, procs: int, duration: float, seed: int, max_bo
             cmd = [PYTHON, str(Path(__file__).resolve()), "--client-proc", "--url", url, "--clients", str(n),
                    "--duration", str(duration), "--seed", str(seed * 1000 + i), "--max-body", str(max_body),
                    "--out", str(out)]
-            started.append((Proc(cmd, workdir / f"clients-{label}-{i}.log"), out))
+            started.append((Proc(f"clients {label} {i}", cmd, workdir / f"clients-{label}-{i}.log"), out))
         deadline = time.monotonic() + duration + 150
         for proc, out in started:
             try:
@@ -644,7 +600,7 @@ def drive(url: str, clients: int, procs: int, duration: float, seed: int, max_bo
 
 
 def soak(args: argparse.Namespace) -> int:
-    from kproxy import testenv
+    from kproxy_tools import testenv
 
     workdir = Path(tempfile.mkdtemp(prefix="kproxy-soak-"))
     say(f"kproxy soak: {args.clients} clients for {args.duration:g} s (+{args.warmup:g} s warm-up), "
@@ -672,16 +628,14 @@ def soak(args: argparse.Namespace) -> int:
         token = workdir / "token"
         token.write_text(kube.admin_token)
         token.chmod(0o600)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            listen_port = s.getsockname()[1]
+        listen_port = free_port()
         config = workdir / "kproxy.ini"
         config.write_text(ini(kube, NAMESPACE, str(token), args.workers, args.threads,
                               listen=f"127.0.0.1:{listen_port}"))
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update(args.env)
         env["KPROXY_CONFIG"] = str(config)
-        gateway = Proc([PYTHON, "-m", "gunicorn", "-c", str(args.gunicorn_conf),
+        gateway = Proc("kproxy", [PYTHON, "-m", "gunicorn", "-c", str(args.gunicorn_conf),
                         "kproxy.wsgi:application"], workdir / "kproxy.log", env=env)
         # gunicorn's stdout (the access log, on as in production) and stderr share one file
         url = f"http://127.0.0.1:{listen_port}"
@@ -719,7 +673,7 @@ def soak(args: argparse.Namespace) -> int:
         return 2
     finally:
         if gateway is not None:
-            gateway.stop()
+            gateway.stop(grace=15)
         for proc in upstreams:
             proc.stop(grace=5)
         if kube is not None:
@@ -874,5 +828,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # kproxy from this checkout
     sys.exit(main())

@@ -13,9 +13,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from _common import BODY  # noqa: E402
+from bench._common import BODY  # noqa: E402
 
 
 class Answer(asyncio.Protocol):

@@ -40,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from .demo import command as demo_command
+        try:  # tooling, not the gateway: a package of its own that the image does not ship
+            from kproxy_tools.demo import command as demo_command
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("kproxy_tools"):
+                raise
+            print("kproxy demo: its orchestration (the kproxy_tools package) is not installed here; run it "
+                  "from a source checkout of kproxy, or install kproxy from one with `pip install .`",
+                  file=sys.stderr)
+            return 1
         return demo_command(args.listen, keep=args.keep, stop=args.stop, scale=args.scale)
     if args.command == "check":
         return _check(args.config)

@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,13 +21,9 @@ import requests
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wsgi import get_input_stream
 
+from kproxy_tools.common import children, free_port, session, terminate
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:
@@ -45,13 +40,6 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
-
-
-def session() -> requests.Session:
-    """A client that talks to loopback only: no proxies or CA bundles from the environment."""
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
@@ -225,16 +213,7 @@ class GatewayProcess:
     def pids(self) -> list[int]:
         """The process and its children (gunicorn workers)."""
         assert self.process is not None
-        pids = [self.process.pid]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rpartition(")")[2].split()[1]) == self.process.pid:
-                    pids.append(int(entry.name))
-        return pids
+        return [self.process.pid, *children(self.process.pid)]
 
     def logs(self) -> str:
         out = []
@@ -249,20 +228,10 @@ class GatewayProcess:
         os.kill(self.process.pid, signum)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            for log in (getattr(self, "stdout", None), getattr(self, "stderr", None)):
-                if log is not None:
-                    log.close()
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        finally:
-            self.stdout.close()
-            self.stderr.close()
+        terminate(self.process, grace=15)
+        for log in (getattr(self, "stdout", None), getattr(self, "stderr", None)):
+            if log is not None:
+                log.close()
 
 
 @pytest.fixture
@@ -285,9 +254,9 @@ def gateway_process(tmp_path) -> Iterable[Callable[..., GatewayProcess]]:
 
 @pytest.fixture(scope="session")
 def kube():
-    """A real etcd + kube-apiserver on loopback (kproxy.testenv). Outside CI it skips with
-    the reason when it cannot be provisioned; under CI=true that is a failure."""
-    from kproxy import testenv
+    """A real etcd + kube-apiserver on loopback (kproxy_tools.testenv). Outside CI it skips
+    with the reason when it cannot be provisioned; under CI=true that is a failure."""
+    from kproxy_tools import testenv
 
     def progress(line: str) -> None:  # past pytest's capture: a first 5-minute build must not look hung
         print(line, file=sys.__stderr__, flush=True)

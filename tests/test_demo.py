@@ -28,8 +28,9 @@ import yaml
 from werkzeug.test import Client
 
 from kproxy import config as configmod
-from kproxy import demo as demomod
-from kproxy.testenv import TestEnvUnavailable, provision
+from kproxy_tools import demo as demomod
+from kproxy_tools.common import terminate
+from kproxy_tools.testenv import TestEnvUnavailable, provision
 
 from .conftest import ROOT, free_port, session, wait_until
 
@@ -100,13 +101,7 @@ class DemoRun:
 
     def cleanup(self, state: dict | None) -> None:
         """After a failed test: stop the demo (it tears down), then anything left."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        terminate(self.process, grace=90)
         if state:
             demomod._cleanup_leftovers(state)
 
@@ -288,7 +283,7 @@ def test_demo_without_kubernetes_or_httpbin_falls_back_to_static_nodes_and_the_s
         assert "the httpbin package is not installed" in text
         state = demo.state()
         assert state["mode"] == "static" and state["kube"] is None
-        assert state["upstream_app"] == "kproxy.demo:echo_app"
+        assert state["upstream_app"] == "kproxy_tools.demo:echo_app"
         url, headers = _printed_curl(demo)
         _check_seed_answer(url, headers)
         done = demo.run(demo.wait_for(lambda l: l.strip().startswith("kproxy demo --scale"), 5).strip())

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from typing import Any, Iterable
@@ -27,6 +26,7 @@ import requests
 import yaml
 
 from kproxy.config import parse
+from kproxy_tools.common import terminate
 
 from .conftest import ROOT, free_port, session, wait_until
 
@@ -447,10 +447,5 @@ def test_configmap_ini_serves_the_seed_with_the_manifests_rbac(kube, namespace, 
         assert dump["services"][f"{namespace}/httpbin"]["port_source"] == "service"
         assert token.read_text() not in json.dumps(dump)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        terminate(process, grace=20)
         log.close()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import requests
 
 from kproxy.config import parse
 from kproxy.discovery.reflector import Timing
@@ -245,9 +244,7 @@ class NamedUpstream:
 
 
 def get_via(node: Node) -> dict:
-    s = requests.Session()
-    s.trust_env = False
-    return s.get(f"http://{node.address}/anything", timeout=5).json()
+    return session().get(f"http://{node.address}/anything", timeout=5).json()
 
 
 # -- port mapping and endpoint rules --

@@ -6,15 +6,9 @@ throughput or latency is asserted: this machine is shared."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from bench import soak
 
-from .conftest import ROOT, GatewayProcess, free_port, session, wait_until
-
-_spec = importlib.util.spec_from_file_location("kproxy_bench_soak", ROOT / "bench" / "soak.py")
-soak = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = soak
-_spec.loader.exec_module(soak)
+from .conftest import GatewayProcess, free_port, session, wait_until
 
 CLIENTS = 50
 WARMUP = 2.0      # seconds: every worker has pooled upstream connections and metric files open

@@ -1,4 +1,4 @@
-"""Tests of kproxy.testenv against a real kube-apiserver + etcd on 127.0.0.1.
+"""Tests of kproxy_tools.testenv against a real kube-apiserver + etcd on 127.0.0.1.
 
 The first run builds kube-apiserver (about 5 minutes, then cached).  Under CI=true a
 failure to provide the server fails the tests; elsewhere, a machine that cannot
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from kproxy import testenv
-from kproxy.testenv import KubeAPIServer, TestEnvError, TestEnvUnavailable, provision
+from kproxy_tools import testenv
+from kproxy_tools.testenv import KubeAPIServer, TestEnvError, TestEnvUnavailable, provision
 
 
 

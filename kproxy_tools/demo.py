@@ -10,7 +10,7 @@ without a cluster of your own::
 
 What runs, all on loopback:
 
-* etcd + kube-apiserver of the test environment (:mod:`kproxy.testenv`, the code the tests
+* etcd + kube-apiserver of the test environment (:mod:`kproxy_tools.testenv`, the code the tests
   use, with its cache: the first run builds kube-apiserver from Debian's source, about
   5 minutes on 2 cores; later runs start in seconds);
 * two httpbin nodes (``gunicorn httpbin:app``; when the ``httpbin`` package is not installed,
@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable
 import requests
 
 from . import testenv
+from .common import RESOURCES, KubeAPIError, KubeClient, children, session, tail, terminate
 
 NAMESPACE = "apisix"
 SERVICE = "httpbin"
@@ -217,41 +218,12 @@ def _alive(pid: int, start_time: int | None = None) -> bool:
     return fields[0] != "Z" and (start_time is None or int(fields[19]) == start_time)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                fields = _stat(int(entry))
-                if fields and int(fields[1]) == pid:
-                    found.append(int(entry))
-    return found
-
-
 def _describe(pid: int) -> dict[str, Any]:
     try:
         name = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         name = "?"
     return {"pid": pid, "start_time": _start_time(pid), "name": name}
-
-
-def _stop_popen(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
-    """SIGTERM the process group of a child started in its own session, SIGKILL after
-    ``grace``; then SIGKILL whatever is left of the group (orphaned workers)."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _stop_recorded(process: dict[str, Any], grace: float = 15.0) -> bool:
@@ -280,19 +252,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
-
-
-def _session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # loopback only: no proxies from the environment
-    return s
-
-
 # -- Kubernetes objects -------------------------------------------------------------------
 
 def service_object(target_port: int) -> dict[str, Any]:
@@ -310,7 +269,7 @@ def endpoint_objects(nodes: list[str], all_nodes: list[str]) -> tuple[list[dict[
     """
     def slice_(index: int, address: str) -> dict[str, Any]:
         host, port = address.rsplit(":", 1)
-        return {"apiVersion": testenv.RESOURCES["EndpointSlice"][0], "kind": "EndpointSlice",
+        return {"apiVersion": RESOURCES["EndpointSlice"][0], "kind": "EndpointSlice",
                 "metadata": {"name": f"{SERVICE}-{index + 1}", "namespace": NAMESPACE,
                              "labels": {"kubernetes.io/service-name": SERVICE,
                                         "endpointslice.kubernetes.io/managed-by": "kproxy-demo"}},
@@ -329,38 +288,6 @@ def endpoint_objects(nodes: list[str], all_nodes: list[str]) -> tuple[list[dict[
     apply = [slice_(i, a) for i, a in enumerate(all_nodes) if a in nodes] + [endpoints]
     delete = [slice_(i, a) for i, a in enumerate(all_nodes) if a not in nodes]
     return apply, delete
-
-
-class KubeClient:
-    """The admin's view of a running demo's apiserver (for ``--scale``, from the state file)."""
-
-    def __init__(self, url: str, token: str, ca_file: str):
-        self.url, self.token, self.ca_file = url, token, ca_file
-        self.session = _session()
-
-    def request(self, method: str, path: str, body: Any = None) -> requests.Response:
-        return self.session.request(method, self.url + path, json=body, timeout=30, verify=self.ca_file,
-                                    headers={"Authorization": f"Bearer {self.token}"})
-
-    def apply(self, obj: dict[str, Any]) -> None:
-        r = self.request("POST", testenv.resource_path(obj, with_name=False), obj)
-        for _ in range(5):
-            if r.status_code != 409:
-                break
-            current = self.request("GET", testenv.resource_path(obj))
-            if current.status_code == 404:
-                r = self.request("POST", testenv.resource_path(obj, with_name=False), obj)
-                continue
-            version = current.json()["metadata"]["resourceVersion"]
-            body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
-            r = self.request("PUT", testenv.resource_path(obj), body)
-        if not r.ok:
-            raise DemoError(f"{r.request.method} {r.url}: {r.status_code} {r.text[:500]}")
-
-    def delete(self, obj: dict[str, Any]) -> None:
-        r = self.request("DELETE", testenv.resource_path(obj))
-        if not r.ok and r.status_code != 404:
-            raise DemoError(f"DELETE {r.url}: {r.status_code} {r.text[:500]}")
 
 
 def set_endpoints(apply: Callable[[dict[str, Any]], Any], delete: Callable[[dict[str, Any]], Any],
@@ -567,7 +494,7 @@ class Demo:
 
     def _start_upstreams(self) -> None:
         if not _httpbin_available():
-            self.upstream_app = "kproxy.demo:echo_app"
+            self.upstream_app = "kproxy_tools.demo:echo_app"
         for i in range(NODES):
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
@@ -585,13 +512,13 @@ class Demo:
             self.upstreams.append((address, proc))
 
     def _wait_upstreams(self, timeout: float = 60.0) -> None:
-        s = _session()
+        s = session()
         for i, (address, proc) in enumerate(self.upstreams):
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
                     raise DemoError(f"httpbin node {address} exited ({proc.returncode}):\n"
-                                    f"{_tail(self.paths.run / f'httpbin-{i + 1}.log')}")
+                                    f"{tail(self.paths.run / f'httpbin-{i + 1}.log')}")
                 with contextlib.suppress(requests.RequestException, ValueError):
                     r = s.get(f"http://{address}/anything", headers={"Host": HOST}, timeout=2)
                     if r.status_code == 200 and "url" in r.json():
@@ -705,12 +632,12 @@ class Demo:
                 env=_child_env())
         self.relay = threading.Thread(target=_relay, args=(self.gateway.stdout,), name="access-log", daemon=True)
         self.relay.start()
-        s = _session()
+        s = session()
         deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
             if self.gateway.poll() is not None:
-                raise DemoError(f"the gateway exited ({self.gateway.returncode}); its log:\n{_tail(log_path)}")
+                raise DemoError(f"the gateway exited ({self.gateway.returncode}); its log:\n{tail(log_path)}")
             try:
                 r = s.get(self.base_url + "/-/readyz", headers={"X-Request-Id": PROBE}, timeout=2)
                 if r.status_code == 200:
@@ -720,7 +647,7 @@ class Demo:
                 last = type(e).__name__
             if time.monotonic() > deadline:
                 raise DemoError(f"the gateway was not ready in {timeout:.0f} s (readyz: {last}); its log:\n"
-                                f"{_tail(log_path)}")
+                                f"{tail(log_path)}")
             time.sleep(0.1)
         say(f"- gateway: kproxy serve -c {_show(ini)} on {_hostport(*self.listen)}")
 
@@ -729,7 +656,7 @@ class Demo:
         assert self.gateway is not None
         known = {self.gateway.pid: "gateway", **{p.pid: f"httpbin {a}" for a, p in self.upstreams}}
         processes = []
-        for pid in sorted(set(_children(os.getpid())) | set(known)):
+        for pid in sorted(set(children(os.getpid())) | set(known)):
             if _alive(pid):
                 entry = _describe(pid)
                 entry["role"] = known.get(pid, entry["name"])
@@ -782,11 +709,11 @@ class Demo:
             assert self.gateway is not None
             if self.gateway.poll() is not None:
                 raise DemoError(f"the gateway exited ({self.gateway.returncode}):\n"
-                                f"{_tail(self.paths.run / 'gateway.log')}")
+                                f"{tail(self.paths.run / 'gateway.log')}")
             for i, (address, proc) in enumerate(self.upstreams):
                 if proc.poll() is not None:
                     raise DemoError(f"httpbin node {address} exited ({proc.returncode}):\n"
-                                    f"{_tail(self.paths.run / f'httpbin-{i + 1}.log')}")
+                                    f"{tail(self.paths.run / f'httpbin-{i + 1}.log')}")
             if self.kube is not None and not self.kube.running:
                 raise DemoError("etcd or kube-apiserver exited unexpectedly")
             time.sleep(0.5)
@@ -800,9 +727,9 @@ class Demo:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        _stop_popen(self.gateway)
+        terminate(self.gateway)
         for _, proc in self.upstreams:
-            _stop_popen(proc)
+            terminate(proc)
         if self.kube is not None:
             self.kube.stop()
         if self.relay is not None:
@@ -872,7 +799,7 @@ def launch_kept(paths: Paths, listen: tuple[str, int]) -> int:
     lock.close()  # the background demo takes it
     with open(paths.log, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kproxy.demo", "--keep", "--listen", _hostport(*listen)],
+            [sys.executable, "-m", "kproxy_tools.demo", "--keep", "--listen", _hostport(*listen)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env=_child_env())
     out = sys.stdout.buffer
@@ -955,7 +882,11 @@ def scale_demo(paths: Paths, n: int) -> int:
         kube = state["kube"]
         client = KubeClient(kube["url"], kube["token"], kube["ca_file"])
         t0 = time.monotonic()
-        set_endpoints(client.apply, client.delete, nodes, all_nodes)
+        try:
+            set_endpoints(client.apply, client.delete, nodes, all_nodes)
+        except (KubeAPIError, requests.RequestException) as e:
+            _err(f"kproxy demo: the demo's kube-apiserver refused the change: {e}")
+            return 1
         say(f"Service {NAMESPACE}/{SERVICE} now has {n} node{'s' if n != 1 else ''}: {shown} "
             f"(EndpointSlices and Endpoints updated)")
         seen = _wait_discovered(state["url"], set(nodes))
@@ -985,7 +916,7 @@ def scale_demo(paths: Paths, n: int) -> int:
 def discovered_nodes(url: str) -> set[str] | None:
     """The addresses the gateway's discovery dump lists for apisix/httpbin (None: no answer)."""
     try:
-        r = _session().get(url + "/-/discovery", headers={"X-Request-Id": PROBE}, timeout=5)
+        r = session().get(url + "/-/discovery", headers={"X-Request-Id": PROBE}, timeout=5)
         registry = r.json()["registries"][REGISTRY]
     except (requests.RequestException, ValueError, KeyError):
         return None
@@ -1007,10 +938,10 @@ def _wait_discovered(url: str, expected: set[str], timeout: float = 15.0) -> set
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kproxy.demo --keep --listen HOST:PORT``: the background process of
+    """``python -m kproxy_tools.demo --keep --listen HOST:PORT``: the background process of
     ``kproxy demo --keep`` (use ``kproxy demo``)."""
-    from .node import split_host_port
-    parser = argparse.ArgumentParser(prog="python -m kproxy.demo")
+    from kproxy.node import split_host_port
+    parser = argparse.ArgumentParser(prog="python -m kproxy_tools.demo")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--listen", default=_hostport(*DEFAULT_LISTEN))
     args = parser.parse_args(argv)

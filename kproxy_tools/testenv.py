@@ -8,10 +8,10 @@ a throw-away etcd on 127.0.0.1.
 
 Usage::
 
-    python -m kproxy.testenv provision   # build (first time ~5 min) and print the binary path
-    python -m kproxy.testenv run         # start etcd + apiserver, print URL/token, Ctrl-C stops
+    python -m kproxy_tools.testenv provision   # build (first time ~5 min) and print the binary path
+    python -m kproxy_tools.testenv run         # start etcd + apiserver, print URL/token, Ctrl-C stops
 
-    from kproxy.testenv import KubeAPIServer
+    from kproxy_tools.testenv import KubeAPIServer
     with KubeAPIServer() as kube:
         kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
         print(kube.request("GET", "/api/v1/namespaces").json())
@@ -39,21 +39,21 @@ import atexit
 import contextlib
 import fcntl
 import glob
-import json as _json  # `json` is a parameter name of request()
+import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import requests
+
+from .common import KubeClient, free_ports, session, spawn, tail, terminate
 
 __all__ = [
     "KUBE_VERSION",
@@ -101,18 +101,6 @@ class TestEnvUnavailable(TestEnvError):
     __test__ = False
 
 
-class KubeAPIError(TestEnvError):
-    """The apiserver answered a helper's request with an error status."""
-
-    def __init__(self, response: requests.Response) -> None:
-        self.response = response
-        self.status_code = response.status_code
-        super().__init__(
-            f"{response.request.method} {response.url} -> {response.status_code}: "
-            f"{response.text[:2000]}"
-        )
-
-
 # --------------------------------------------------------------------------- provisioning
 
 
@@ -139,14 +127,6 @@ def find_tool(name: str) -> pathlib.Path | None:
     return None
 
 
-def _tail(path: pathlib.Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _run_logged(
     cmd: Sequence[str],
     logfile: pathlib.Path,
@@ -166,7 +146,7 @@ def _run_logged(
     if rc != 0:
         raise TestEnvError(
             f"{what} failed (exit {rc}); full log: {logfile}\n--- last lines ---\n"
-            f"{_tail(logfile)}"
+            f"{tail(logfile, 40)}"
         )
 
 
@@ -200,7 +180,7 @@ def _ensure_packages(packages: Sequence[str], log: Log, logfile: pathlib.Path) -
             "The kproxy test environment needs these Debian packages, which are not installed: "
             f"{', '.join(missing)}. Installing them needs root. Run "
             f"`sudo apt-get update && sudo apt-get install -y {' '.join(missing)}` "
-            "(or run `python -m kproxy.testenv provision` as root once), then try again; "
+            "(or run `python -m kproxy_tools.testenv provision` as root once), then try again; "
             "the kube-apiserver binary itself is built as the current user and cached in "
             f"{cache_dir()}."
         )
@@ -412,77 +392,18 @@ def provision(log: Log = print) -> pathlib.Path:
 
 # --------------------------------------------------------------------------- running
 
-#: kind -> (default apiVersion, plural resource name, namespaced?) for :meth:`KubeAPIServer.apply`.
-RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "Namespace": ("v1", "namespaces", False),
-    "Service": ("v1", "services", True),
-    "Endpoints": ("v1", "endpoints", True),
-    "ServiceAccount": ("v1", "serviceaccounts", True),
-    "ConfigMap": ("v1", "configmaps", True),
-    "Secret": ("v1", "secrets", True),
-    "EndpointSlice": ("discovery.k8s.io/v1beta1", "endpointslices", True),  # no v1 in 1.20
-    "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles", False),
-    "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
-    "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
-    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
-}
-
-
-def resource_path(obj: dict[str, Any], *, with_name: bool = True) -> str:
-    """URL path of ``obj`` (or of its collection when ``with_name`` is false)."""
-    kind = obj.get("kind")
-    if kind not in RESOURCES:
-        raise ValueError(f"unsupported kind {kind!r}; known: {', '.join(sorted(RESOURCES))}")
-    default_version, plural, namespaced = RESOURCES[kind]
-    api_version = obj.get("apiVersion") or default_version
-    path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    meta = obj.get("metadata") or {}
-    if namespaced:
-        path += f"/namespaces/{meta.get('namespace') or 'default'}"
-    path += f"/{plural}"
-    if with_name:
-        path += f"/{meta['name']}"
-    return path
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
-    """SIGTERM the process group we started, then SIGKILL it if it does not exit."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # own session (start_new_session=True): pgid == pid
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class KubeAPIServer:
+class KubeAPIServer(KubeClient):
     """etcd + kube-apiserver on 127.0.0.1, each on a free port, in a temporary directory.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop` (``stop`` is also
     registered with :mod:`atexit`).  :meth:`restart_apiserver` restarts only the
     apiserver on the same port, with the same etcd and serving certificate, as an
     upgrade would: every watch is dropped, data is kept, clients can reconnect.
+    As a :class:`KubeClient` (request, get, apply, delete, create_token) it speaks to
+    that apiserver as ``admin_token``, which is in ``system:masters``.
     """
 
-    def __init__(
+    def __init__(  # KubeClient.__init__ is not called: url and ca_file exist once started
         self,
         binary: str | os.PathLike[str] | None = None,
         *,
@@ -511,9 +432,7 @@ class KubeAPIServer:
         self.etcd_port: int | None = None
         self._etcd: subprocess.Popen[bytes] | None = None
         self._apiserver: subprocess.Popen[bytes] | None = None
-        self._session = requests.Session()
-        # The machine sets REQUESTS_CA_BUNDLE; with trust_env it would override `verify`.
-        self._session.trust_env = False
+        self._session = session()
 
     # -- addresses ---------------------------------------------------------------------
 
@@ -543,6 +462,10 @@ class KubeAPIServer:
         assert self.workdir is not None
         return str(self.workdir / "kubeconfig")
 
+    @property
+    def token(self) -> str:
+        return self.admin_token
+
     def _require_started(self) -> None:
         if self.workdir is None:
             raise TestEnvError("KubeAPIServer is not started")
@@ -570,7 +493,7 @@ class KubeAPIServer:
         atexit.register(self.stop)
         try:
             t0 = time.monotonic()
-            self.port, self.etcd_port, peer_port = _free_ports(3)
+            self.port, self.etcd_port, peer_port = free_ports(3)
             self._start_etcd(peer_port)
             self._write_credentials()
             self.start_apiserver()
@@ -600,14 +523,14 @@ class KubeAPIServer:
         while True:
             if self._etcd.poll() is not None:
                 raise TestEnvError(
-                    f"etcd exited with {self._etcd.returncode}:\n{_tail(self.workdir / 'etcd.log')}"
+                    f"etcd exited with {self._etcd.returncode}:\n{tail(self.workdir / 'etcd.log', 40)}"
                 )
             with contextlib.suppress(requests.RequestException):
                 r = self._session.get(f"{self.etcd_url}/health", timeout=2)
                 if r.ok and r.json().get("health") == "true":
                     return
             if time.monotonic() > deadline:
-                raise TestEnvError(f"etcd not healthy in 30 s:\n{_tail(self.workdir / 'etcd.log')}")
+                raise TestEnvError(f"etcd not healthy in 30 s:\n{tail(self.workdir / 'etcd.log', 40)}")
             time.sleep(0.1)
 
     def _write_credentials(self) -> None:
@@ -631,17 +554,11 @@ class KubeAPIServer:
             "contexts": [{"name": "kproxy", "context": {"cluster": "kproxy", "user": "admin"}}],
             "current-context": "kproxy",
         }
-        (d / "kubeconfig").write_text(_json.dumps(kubeconfig, indent=2))
+        (d / "kubeconfig").write_text(json.dumps(kubeconfig, indent=2))
 
     def _spawn(self, cmd: list[str], logname: str) -> subprocess.Popen[bytes]:
         assert self.workdir is not None
-        with open(self.workdir / logname, "ab") as out:
-            # Own session: a Ctrl-C in the terminal reaches us, not them, and we stop
-            # them in order; and killpg() reaches anything they might fork.
-            return subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.workdir,
-            )
+        return spawn(cmd, self.workdir / logname, cwd=self.workdir)
 
     def start_apiserver(self) -> None:
         """Start kube-apiserver (again) on the same port, etcd and certificate directory."""
@@ -683,7 +600,7 @@ class KubeAPIServer:
             if self._apiserver.poll() is not None:
                 raise TestEnvError(
                     f"kube-apiserver exited with {self._apiserver.returncode} before it was "
-                    f"ready; log {logfile}:\n{_tail(logfile)}"
+                    f"ready; log {logfile}:\n{tail(logfile, 40)}"
                 )
             try:
                 r = self.request("GET", "/readyz", timeout=2)
@@ -696,7 +613,7 @@ class KubeAPIServer:
             if time.monotonic() > deadline:
                 raise TestEnvError(
                     f"kube-apiserver not ready in {self.ready_timeout:.0f} s (last: {last}); "
-                    f"log {logfile}:\n{_tail(logfile)}"
+                    f"log {logfile}:\n{tail(logfile, 40)}"
                 )
             time.sleep(0.2)
 
@@ -705,7 +622,7 @@ class KubeAPIServer:
         ``grace`` seconds.  Its graceful shutdown waits up to 60 s for open HTTP/1.1
         watches to end by themselves, so watches still open after ``grace`` are cut
         (the client sees the connection drop), as when an upgrade kills the process."""
-        _terminate(self._apiserver, grace)
+        terminate(self._apiserver, grace)
         self._apiserver = None
 
     def restart_apiserver(self, grace: float = 5.0) -> None:
@@ -717,7 +634,7 @@ class KubeAPIServer:
     def stop(self) -> None:
         """Stop both processes and delete the temporary directory.  Idempotent."""
         self.stop_apiserver()
-        _terminate(self._etcd)
+        terminate(self._etcd)
         self._etcd = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -743,7 +660,7 @@ class KubeAPIServer:
 
     def etcd_revision(self) -> int:
         """etcd's current revision (the newest resourceVersion the apiserver can hand out)."""
-        status = _json.loads(self._etcdctl("endpoint", "status", "-w", "json"))
+        status = json.loads(self._etcdctl("endpoint", "status", "-w", "json"))
         return int(status[0]["Status"]["header"]["revision"])
 
     def compact(self, revision: int) -> None:
@@ -754,97 +671,6 @@ class KubeAPIServer:
         With the watch cache on, a watch is still served from memory (see __init__).
         """
         self._etcdctl("compact", str(int(revision)), "--physical")
-
-    # -- API helpers ---------------------------------------------------------------------
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        token: str | None = None,
-        **kwargs: Any,
-    ) -> requests.Response:
-        """One request to the apiserver as admin (or as ``token``); extra keyword
-        arguments (``params``, ``stream``, ``timeout``, ``headers``) go to requests."""
-        headers = dict(kwargs.pop("headers", None) or {})
-        headers.setdefault("Authorization", f"Bearer {token or self.admin_token}")
-        kwargs.setdefault("timeout", 30)
-        return self._session.request(
-            method, self.url + path, json=json, headers=headers, verify=self.ca_file, **kwargs
-        )
-
-    def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """The stored version of ``obj`` (found by kind/namespace/name), or None."""
-        r = self.request("GET", resource_path(obj))
-        if r.status_code == 404:
-            return None
-        if not r.ok:
-            raise KubeAPIError(r)
-        return r.json()
-
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create ``obj``, or replace it if it exists; return the stored object.
-
-        Supports the kinds in :data:`RESOURCES`; ``apiVersion`` defaults per kind and
-        ``metadata.namespace`` to ``default``.  This is a plain create-or-PUT, not
-        server-side apply: fields left out of ``obj`` are dropped.
-        """
-        kind = obj.get("kind")
-        if kind not in RESOURCES:
-            raise ValueError(f"unsupported kind {kind!r}; known: {', '.join(sorted(RESOURCES))}")
-        body = dict(obj)
-        body.setdefault("apiVersion", RESOURCES[kind][0])
-        r = self.request("POST", resource_path(body, with_name=False), json=body)
-        for _ in range(5):
-            if r.status_code != 409:
-                break
-            current = self.get(body)
-            if current is None:  # deleted meanwhile
-                r = self.request("POST", resource_path(body, with_name=False), json=body)
-                continue
-            body = {**body, "metadata": {
-                **body["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
-            if kind == "Service":
-                # clusterIP is immutable once allocated; keep it when the caller left it out.
-                spec = dict(body.get("spec") or {})
-                for key in ("clusterIP", "clusterIPs"):
-                    if key in current.get("spec", {}) and not spec.get(key):
-                        spec[key] = current["spec"][key]
-                body["spec"] = spec
-            r = self.request("PUT", resource_path(body), json=body)
-        if not r.ok:
-            raise KubeAPIError(r)
-        return r.json()
-
-    def delete(self, obj: dict[str, Any]) -> bool:
-        """Delete ``obj``; False if it did not exist.  (No namespace controller runs,
-        so a deleted Namespace stays Terminating.)"""
-        r = self.request("DELETE", resource_path(obj))
-        if r.status_code == 404:
-            return False
-        if not r.ok:
-            raise KubeAPIError(r)
-        return True
-
-    def create_token(
-        self, namespace: str, serviceaccount: str, expiration_seconds: int = 3600
-    ) -> str:
-        """A bearer token for the ServiceAccount, minted with the TokenRequest API
-        (the ServiceAccount must exist; expiration is at least 600 s)."""
-        r = self.request(
-            "POST",
-            f"/api/v1/namespaces/{namespace}/serviceaccounts/{serviceaccount}/token",
-            json={
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": {"expirationSeconds": int(expiration_seconds)},
-            },
-        )
-        if not r.ok:
-            raise KubeAPIError(r)
-        return r.json()["status"]["token"]
-
 
 # --------------------------------------------------------------------------- command line
 
@@ -881,7 +707,7 @@ def _run_forever() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kproxy.testenv",
+        prog="python -m kproxy_tools.testenv",
         description="A real kube-apiserver + etcd on 127.0.0.1 for tests and demos.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
