@@ -1,6 +1,7 @@
 """The ``kproxy`` package is the gateway only: the test environment (Debian packages,
 a kube-apiserver built from source) and the demo's orchestration live in ``kproxy_tools``,
-which ``pip install .`` installs beside it and the container image leaves out."""
+which ``pip install .`` installs beside it and the container image leaves out. And
+``.ci/floors.py``, with which CI installs every declared lower bound pinned exactly."""
 
 from __future__ import annotations
 
@@ -64,3 +65,28 @@ def test_demo_without_the_tools_says_where_to_get_them():
     assert result.returncode == 1, result.stdout + result.stderr
     assert "kproxy_tools package) is not installed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def floors(setup_cfg) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / ".ci" / "floors.py"), str(setup_cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ci_pins_every_declared_lower_bound_exactly():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = [line for line in cfg["options"]["install_requires"].splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    result = floors(ROOT / "setup.cfg")
+    assert result.returncode == 0, result.stderr
+    pins = result.stdout.split()
+    assert len(pins) == len(declared) and all("==" in pin for pin in pins), (declared, pins)
+    assert "gunicorn==27" in pins and "kubernetes==37" in pins, pins
+
+
+def test_a_requirement_without_a_lower_bound_has_no_floor_to_test(tmp_path):
+    path = tmp_path / "setup.cfg"
+    path.write_text("[options]\ninstall_requires =\n    werkzeug>=3.0\n    requests<3\n")
+    result = floors(path)
+    assert result.returncode != 0
+    assert "requests<3" in result.stderr and "lower bound" in result.stderr
