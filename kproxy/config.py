@@ -18,7 +18,8 @@ import difflib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field, fields
+import unicodedata
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -33,6 +34,8 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     doc: str
+    restart: bool = False  # read only when the processes start: a reload says so, and keeps the old value
+    secret: bool = False   # its value never appears in a problem
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,24 @@ class ConfigError(Exception):
 
 # -- value parsers: each takes the raw string and returns a value or raises ValueError --
 
+def _one_line(value: str) -> str:
+    # an indented line continues the value above it: a path or name cannot hold one (the
+    # problem does not quote it, see _value_problem)
+    if "\n" in value:
+        raise ValueError("must be on one line")
+    return value
+
+
 def _text(value: str) -> str:
+    return _one_line(value)
+
+
+def _bearer_token(value: str) -> str:
+    # a header value with a line break or a control character fails in the HTTP client,
+    # whose error quotes the value: refuse it here, without quoting it
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        raise ValueError("may not hold control characters or line breaks (a token wrapped onto "
+                         "a second line?)")
     return value
 
 
@@ -133,6 +153,9 @@ def _admin_prefix(value: str) -> str:
 
 
 def _url(value: str) -> str:
+    _one_line(value)
+    if any(c.isspace() or not c.isprintable() for c in value):  # urlsplit would drop some silently
+        raise ValueError(f"{value!r} is not an http(s):// URL (it holds spaces or control characters)")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s):// URL")
@@ -140,6 +163,7 @@ def _url(value: str) -> str:
 
 
 def _regex(value: str) -> re.Pattern[str]:
+    _one_line(value)
     try:
         return re.compile(value)
     except re.error as e:
@@ -204,6 +228,7 @@ def _nodes(value: str) -> tuple[Node, ...]:
 
 
 def _label_selector(value: str) -> str:
+    _one_line(value)
     if value.count("(") != value.count(")"):
         raise ValueError(f"{value!r} is not a label selector (unbalanced parentheses)")
     return value
@@ -212,7 +237,8 @@ def _label_selector(value: str) -> str:
 # -- the settings --
 
 GATEWAY = (
-    Setting("listen", _listen, ("127.0.0.1", 9080), "host:port that ``kproxy serve`` listens on."),
+    Setting("listen", _listen, ("127.0.0.1", 9080), "host:port that ``kproxy serve`` listens on.",
+            restart=True),
     Setting("admin_prefix", _admin_prefix, "/-/",
             "Path under which healthz, readyz, metrics and discovery are served."),
     Setting("admin_allow", _networks, _networks("127.0.0.0/8 ::1"),
@@ -230,33 +256,37 @@ GATEWAY = (
             "never closes a connection just as kproxy reuses it."),
     Setting("threads", _count(1, 1024), 8,
             "Request threads of ``kproxy serve`` and of each gunicorn worker; also the size of "
-            "each upstream connection pool."),
-    Setting("workers", _count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py)."),
+            "each upstream connection pool.", restart=True),
+    Setting("workers", _count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py).",
+            restart=True),
     Setting("keepalive_timeout", _seconds, 5.0,
-            "Seconds an idle client keep-alive connection is kept open."),
+            "Seconds an idle client keep-alive connection is kept open.", restart=True),
     Setting("client_header_timeout", _seconds, 10.0,
             "Seconds a client has to send a whole request head once it started (else 408): "
-            "a slow client cannot hold a thread for longer."),
+            "a slow client cannot hold a thread for longer.", restart=True),
     Setting("client_body_timeout", _seconds, 30.0,
-            "Seconds each read of a request body may wait for the client."),
+            "Seconds each read of a request body may wait for the client.", restart=True),
     Setting("client_send_timeout", _seconds, 30.0,
-            "Seconds each write of an answer may wait for a client that does not read."),
+            "Seconds each write of an answer may wait for a client that does not read.", restart=True),
     Setting("max_body_size", _size, 0,
             "Largest request body accepted, in bytes (``10m``, ``512k`` also work); larger ones get "
             "413. ``0``: no limit."),
     Setting("node_cooldown", _seconds, 10.0,
             "Seconds a node that refused a connection or timed out is skipped."),
-    Setting("access_log", _boolean, True, "Log one line per request to stdout."),
-    Setting("access_log_format", _choice("text", "json"), "text", "``text`` or ``json`` lines."),
+    Setting("access_log", _boolean, True, "Log one line per request to stdout.", restart=True),
+    Setting("access_log_format", _choice("text", "json"), "text", "``text`` or ``json`` lines.",
+            restart=True),
 )
 
 REGISTRY = (
     Setting("type", _choice("kubernetes"), REQUIRED, "Registry type; ``kubernetes``."),
     Setting("api_server", _url, None,
             "API server URL. Empty: in-cluster configuration (or ``kubeconfig``)."),
-    Setting("token", _text, None, "Bearer token. Prefer ``token_file``."),
+    Setting("token", _bearer_token, None, "Bearer token. Prefer ``token_file``.", secret=True),
     Setting("token_file", _text, None,
-            "File holding the bearer token; re-read on every reconnect and after a 401."),
+            "File holding the bearer token; re-read on every reconnect and after a 401. A changed "
+            "file (its inode, size, times or resolved path, so a projected volume's ``..data`` "
+            "link swap counts) is noticed within a quarter second and ends any backoff at once."),
     Setting("ca_file", _text, None, "CA bundle that verifies the API server's certificate."),
     Setting("insecure_skip_tls_verify", _boolean, False, "Do not verify the API server's TLS certificate."),
     Setting("kubeconfig", _text, None, "A kubeconfig file, instead of ``api_server``/token/CA."),
@@ -396,12 +426,36 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate an INI file; raise ConfigError with every problem found."""
     path = os.fspath(path)
+    return from_bytes(read_bytes(path), path)
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes, read once: what a reload validates is what its workers load."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError([Problem(path, None, None, f"cannot read: {e}")]) from None
+
+
+def from_bytes(data: bytes, path: str) -> Config:
+    """Validate the bytes of an INI file; ``path`` names the file in problems and in the config."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # names the byte and its offset, never the text around it
         raise ConfigError([Problem(path, None, None, f"cannot read: {e}")]) from None
     return parse(text, path)
+
+
+def restart_needed(started: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The [kproxy] keys whose new value only a restart applies."""
+    return [s.key for s in GATEWAY if s.restart and getattr(started, s.key) != getattr(new, s.key)]
+
+
+def keep_restart_settings(config: Config, started: Config) -> Config:
+    """``config`` as a reloaded process runs it: with the restart-only settings of ``started``."""
+    kept = {s.key: getattr(started.gateway, s.key) for s in GATEWAY if s.restart}
+    return replace(config, gateway=replace(config.gateway, **kept))
 
 
 def parse(text: str, path: str = "<string>") -> Config:
@@ -410,24 +464,32 @@ def parse(text: str, path: str = "<string>") -> Config:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"),
                                        default_section="\0none", empty_lines_in_values=False, strict=False)
     parser.optionxform = str  # keys are case-sensitive: "Listen" is a typo, say so
-    problems += _duplicates(text, path)  # strict=False reads on past them, so report them here
+    lines = _scan(text)
+    problems += _duplicates(lines, path)  # strict=False reads on past them, so report them here
+    # configparser's errors quote the line, and a token can stand on it: name its number,
+    # section and key instead
     try:
         parser.read_string(text, source=path)
     except configparser.MissingSectionHeaderError as e:
-        problems.append(Problem(path, None, None, f"line {e.lineno}: {e.line.strip()!r} is outside any "
-                                "[section]; not an INI file?"))
+        key = _shown_key(_line_key(e.line.strip()))
+        what = f"{key!r} is" if key else "a line is"
+        problems.append(Problem(path, None, None, f"line {e.lineno}: {what} outside any [section]; "
+                                "not an INI file?"))
         raise ConfigError(problems) from None
     except configparser.ParsingError as e:
-        for lineno, line in e.errors:  # configparser gives each line as its repr()
-            problems.append(Problem(path, None, None, f"line {lineno}: cannot parse {line.strip()} "
-                                    "(expected key = value)"))
+        for lineno, _ in e.errors:
+            section = lines[lineno - 1].section if lineno <= len(lines) else None
+            problems.append(Problem(path, section, None, f"line {lineno}: not key = value (the line is "
+                                    "not shown: a secret may stand there; a value on a line of its "
+                                    "own, or a continuation that lost its indent?)"))
+    where = {(line.section, line.key): line.number for line in reversed(lines) if line.key}
 
     gateway = None
     sections: dict[str, dict[str, Any]] = {"registry": {}, "service": {}, "api": {}}
     for section in parser.sections():
         values = dict(parser.items(section))
         if section == "kproxy":
-            gateway = GatewayConfig(**_read_section(path, section, values, GATEWAY, problems))
+            gateway = GatewayConfig(**_read_section(path, section, values, GATEWAY, problems, where))
             continue
         kind, sep, name = section.partition(":")
         if not sep or kind not in _SECTIONS:
@@ -439,9 +501,9 @@ def parse(text: str, path: str = "<string>") -> Config:
                                     "(letters, digits, '-', '_', '.')"))
             continue
         settings, _ = _SECTIONS[kind]
-        sections[kind][name] = _read_section(path, section, values, settings, problems)
+        sections[kind][name] = _read_section(path, section, values, settings, problems, where)
     if gateway is None:
-        gateway = GatewayConfig(**_read_section(path, "kproxy", {}, GATEWAY, problems))
+        gateway = GatewayConfig(**_read_section(path, "kproxy", {}, GATEWAY, problems, where))
 
     registries = {n: RegistryConfig(name=n, **v) for n, v in sections["registry"].items()}
     services = {n: ServiceConfig(name=n, **v) for n, v in sections["service"].items()}
@@ -456,36 +518,77 @@ def parse(text: str, path: str = "<string>") -> Config:
 
 
 _SECTION_LINE = re.compile(r"\[(?P<name>.+)\]")
+# a "key" longer than any key is more likely a value that lost its line (a token with '='
+# padding), so problems do not name it
+_KEY_MAX = 32
 
 
-def _duplicates(text: str, path: str) -> list[Problem]:
+@dataclass(frozen=True)
+class _Line:
+    number: int
+    section: str | None  # the section the line is in
+    key: str | None      # the key it sets, if it starts one
+    header: bool         # a [section] line
+
+
+def _line_key(stripped: str) -> str:
+    return re.split(r"[=:]", stripped, maxsplit=1)[0].strip()
+
+
+def _shown_key(key: str) -> str | None:
+    return key if len(key) <= _KEY_MAX and key.isprintable() else None
+
+
+def _scan(text: str) -> list[_Line]:
+    """Each line's section and key, as configparser reads them (it splits at '\\n' only)."""
+    lines = []
+    section = None
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        key, header = None, False
+        # blank lines, comments and continuations start nothing
+        if stripped and stripped[0] not in "#;" and not line[0].isspace():
+            match = _SECTION_LINE.match(stripped)
+            if match:
+                section, header = match["name"], True
+            elif section is not None:
+                key = _line_key(stripped)
+        lines.append(_Line(number, section, key, header))
+    return lines
+
+
+def _duplicates(lines: list[_Line], path: str) -> list[Problem]:
     """Sections and keys given twice (configparser would keep the last one silently)."""
     problems = []
-    section = None
-    first_line: dict[tuple[str, str | None], int] = {}
-    for lineno, line in enumerate(text.split("\n"), 1):  # as configparser splits (not at U+2028)
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;" or line[0].isspace():  # blank, comment, continuation
+    first_line: dict[tuple[str | None, str | None], int] = {}
+    for line in lines:
+        if not (line.header or line.key):
             continue
-        match = _SECTION_LINE.match(stripped)
-        if match:
-            section, key = match["name"], None
-        elif section is None:
-            continue
+        where = (line.section, line.key)
+        if where in first_line:
+            lines_given = f"lines {first_line[where]} and {line.number}"
+            if line.header:
+                problems.append(Problem(path, line.section, None, f"section given twice ({lines_given})"))
+            elif _shown_key(line.key):
+                problems.append(Problem(path, line.section, line.key, f"set twice ({lines_given})"))
+            else:
+                problems.append(Problem(path, line.section, None, f"a key that is not shown (longer than "
+                                        f"any key) is set twice ({lines_given})"))
         else:
-            key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip()
-        if (section, key) in first_line:
-            what = "section given twice" if key is None else "set twice"
-            problems.append(Problem(path, section, key, f"{what} (lines {first_line[section, key]} and {lineno})"))
-        else:
-            first_line[section, key] = lineno
+            first_line[where] = line.number
     return problems
 
 
 def _read_section(path: str, section: str, values: dict[str, str], settings: tuple[Setting, ...],
-                  problems: list[Problem]) -> dict[str, Any]:
+                  problems: list[Problem], where: dict[tuple[str | None, str | None], int]) -> dict[str, Any]:
     known = {s.key: s for s in settings}
-    for key in values.keys() - known.keys():
+    for key in sorted(values.keys() - known.keys(), key=lambda k: where.get((section, k), 0)):
+        if not _shown_key(key):
+            line = where.get((section, key))
+            problems.append(Problem(path, section, None, (f"line {line}: " if line else "") + "unknown "
+                                    "key, not shown since it is longer than any key (a value on a "
+                                    "line of its own?)"))
+            continue
         hint = difflib.get_close_matches(key, known, n=1)
         problems.append(Problem(path, section, key, "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")))
     result: dict[str, Any] = {}
@@ -501,9 +604,20 @@ def _read_section(path: str, section: str, values: dict[str, str], settings: tup
         try:
             result[setting.key] = setting.parse(raw)
         except ValueError as e:
-            problems.append(Problem(path, section, setting.key, str(e)))
+            problems.append(Problem(path, section, setting.key, _value_problem(setting, raw, str(e))))
             result[setting.key] = None if setting.default is REQUIRED else setting.default
     return result
+
+
+def _value_problem(setting: Setting, raw: str, message: str) -> str:
+    """The message for a value that did not parse, quoting no line a secret may stand on."""
+    lines = raw.count("\n") + 1
+    if lines > 1:  # an indented line continues the value above it, whatever it held
+        return (f"invalid value over {lines} lines, not shown since a secret may stand on one "
+                "(an indented line continues the key above it)")
+    if setting.secret and raw in message:
+        return "invalid value (not shown: it is secret)"
+    return message
 
 
 def _missing_file_warning(path: str, section: str, key: str, value: str | None,
@@ -530,6 +644,10 @@ def _check_registries(path: str, registries: dict[str, RegistryConfig], problems
         if r.api_server and not (r.token or r.token_file):
             warnings.append(Problem(path, section, "token", "warning: no token or token_file; "
                                     "requests to the API server will be anonymous"))
+        elif r.api_server and urlsplit(r.api_server).scheme == "http":
+            given = "token" if r.token else "token_file"
+            warnings.append(Problem(path, section, "api_server", f"warning: http:// sends the {given}'s "
+                                    "bearer token in clear to the API server; use https://"))
         for key in ("token_file", "ca_file", "kubeconfig"):
             _missing_file_warning(path, section, key, getattr(r, key), warnings)
 
@@ -601,7 +719,8 @@ def reference() -> str:
                 "   * - key", "     - default", "     - meaning"]
         for s in settings:
             default = "(required)" if s.default is REQUIRED else _show_default(s)
-            out += [f"   * - ``{s.key}``", f"     - {default}", f"     - {s.doc}"]
+            doc = s.doc + (" A reload does not change it: it needs a restart." if s.restart else "")
+            out += [f"   * - ``{s.key}``", f"     - {default}", f"     - {doc}"]
         out.append("")
     return "\n".join(out)
 

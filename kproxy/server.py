@@ -11,15 +11,19 @@ is the same server with the same hooks, so both behave alike:
 - ``post_worker_init``: discovery threads start in each worker, after fork (never in
   the master), and the worker waits briefly for the first list before it accepts;
   ``post_fork`` holds HUPs back until then;
-- ``when_ready``: SIGHUP reloads the INI in place: the master checks the file and, if it
-  is valid, tells each worker to swap routes; registries whose settings did not change
+- ``when_ready``: SIGHUP reloads the INI in place: the master reads the file once and
+  checks it; if it is valid, the master hands those very bytes to the workers (a file in a
+  private directory, replaced atomically) and tells each to swap routes, so a file edited
+  again meanwhile is not what a worker loads. Registries whose settings did not change
   keep their cache and watch, requests in flight finish. A file that fails ``kproxy
-  check`` is refused with its problems logged, and the running config stays;
+  check`` is refused with its problems logged, and the running config stays. A changed
+  setting that only a restart applies (``restart`` in kproxy/config.py) is logged by name;
 - ``child_exit``: a dead worker's live gauges are dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -39,17 +43,30 @@ READY_WAIT = 5.0  # seconds a new worker waits for its registries' first list
 # worker that starts after a bad file was written (a crash, max_requests) still boots
 # with the config that is running, instead of failing on the file.
 _current: configmod.Config | None = None
+# The config the processes started with: settings a reload cannot apply keep its values.
+_started: configmod.Config | None = None
+# The master's private directory for the bytes a reload validated; made before any
+# worker forks, so every worker knows it.
+_handoff_dir: str | None = None
 
 
 def remember(config: configmod.Config) -> None:
-    global _current
+    global _current, _started
     _current = config
+    if _started is None:
+        _started = config
+
+
+def digest(data: bytes) -> str:
+    """A short name for a config's bytes in the logs (a hash: it reveals nothing in them)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:12]
 
 
 def worker_app() -> Any:
     """The WSGI app for a gunicorn worker: a Gateway on the running config."""
     from .app import Gateway
-    return Gateway(_current or configmod.load(os.environ["KPROXY_CONFIG"]))
+    config = _current or configmod.load(os.environ["KPROXY_CONFIG"])
+    return Gateway(configmod.keep_restart_settings(config, _started) if _started else config)
 
 
 def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None = None) -> dict[str, Any]:
@@ -118,9 +135,13 @@ def on_starting(server: Any) -> None:
 
 
 def when_ready(server: Any) -> None:
+    global _handoff_dir
     # gunicorn's own HUP starts new workers, which would list every registry again;
     # reload in place instead (see module docstring)
+    _handoff_dir = tempfile.mkdtemp(prefix="kproxy-reload-")  # 0700: the config may hold a token
     server.reload = lambda: _reload_workers(server)
+    for warning in _current.warnings if _current else ():  # what `kproxy check` warns of
+        server.log.warning("%s", warning)
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -164,6 +185,8 @@ def on_exit(server: Any) -> None:
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if os.path.basename(path).startswith("kproxy-metrics-"):  # only the one we made
         shutil.rmtree(path, ignore_errors=True)
+    if _handoff_dir:
+        shutil.rmtree(_handoff_dir, ignore_errors=True)
 
 
 def _gateway(app: Any) -> Any:
@@ -180,13 +203,26 @@ def _reload_workers(server: Any) -> None:
         server.log.error("reload: no config path (KPROXY_CONFIG) to reload")
         return
     try:
-        remember(configmod.load(path))
+        data = configmod.read_bytes(path)
+        config = configmod.from_bytes(data, path)
     except configmod.ConfigError as e:
-        for problem in e.problems:
+        for problem in e.problems:  # file, section, key: a Problem quotes no secret
             server.log.error("reload refused: %s", problem)
         server.log.error("reload refused: %s is invalid; the running config stays", path)
         return
-    server.log.info("reload: %s is valid; reloading %d workers in place", path, len(server.WORKERS))
+    try:
+        _hand_over(data)
+    except OSError as e:  # e.g. a tmp cleaner removed the directory
+        server.log.error("reload refused: cannot hand %s over to the workers (%s); the running config stays",
+                         path, e)
+        return
+    for key in configmod.restart_needed(_started.gateway, config.gateway) if _started else ():
+        server.log.warning("reload: [kproxy] %s changed; it takes effect after a restart", key)
+    for warning in config.warnings:
+        server.log.warning("reload: %s", warning)
+    remember(config)  # before the HUPs: a worker forked from now on boots with it
+    server.log.info("reload: %s (%s) is valid; reloading %d workers in place", path, digest(data),
+                    len(server.WORKERS))
     for pid in list(server.WORKERS):
         try:
             os.kill(pid, signal.SIGHUP)
@@ -194,17 +230,32 @@ def _reload_workers(server: Any) -> None:
             pass
 
 
+def _hand_over(data: bytes) -> None:
+    """Leave the validated bytes where the workers read them, whole or not at all."""
+    assert _handoff_dir is not None, "when_ready makes the directory"
+    os.makedirs(_handoff_dir, mode=0o700, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=_handoff_dir)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(temporary, os.path.join(_handoff_dir, "config"))
+
+
 def _reload_gateway(gateway: Any, path: str) -> None:
+    """In a worker: load the bytes the master validated, never the file itself, which may
+    have changed again since."""
     try:
-        config = configmod.load(path)
-    except configmod.ConfigError as e:
-        for problem in e.problems:
-            log.error("reload refused: %s", problem)
+        with open(os.path.join(_handoff_dir or "", "config"), "rb") as f:
+            data = f.read()
+    except OSError:
+        log.error("reload: the master has handed over no config; send HUP to the master, not to a worker")
         return
     try:
-        gateway.reload(config)
-    except Exception:
-        log.exception("reload of %s failed; the running config stays", path)
+        config = configmod.from_bytes(data, path)
+        gateway.reload(configmod.keep_restart_settings(config, _started) if _started else config)
+    except Exception:  # the master validated these bytes: only a bug gets here
+        log.exception("reload of %s (%s) failed; the running config stays", path, digest(data))
+        return
+    log.info("reload: worker %d runs %s (%s)", os.getpid(), path, digest(data))
 
 
 def serve(config_path: str, listen: tuple[str, int] | None = None) -> None:

@@ -415,12 +415,13 @@ def test_duplicates_do_not_hide_other_problems(tmp_path):
 
 def test_not_an_ini_file(tmp_path):
     path, line = only_problem(tmp_path, "listen: 127.0.0.1:9080\nservices:\n  - name: s\n")
-    assert line == f"{path}: line 1: 'listen: 127.0.0.1:9080' is outside any [section]; not an INI file?"
+    assert line == f"{path}: line 1: 'listen' is outside any [section]; not an INI file?"
 
 
 def test_not_an_ini_file_when_a_line_is_not_key_value(tmp_path):
     path, line = only_problem(tmp_path, "[kproxy]\nthis is not a setting\n")
-    assert line == f"{path}: line 2: cannot parse 'this is not a setting\\n' (expected key = value)"
+    assert line == (f"{path}: [kproxy]: line 2: not key = value (the line is not shown: a secret may stand "
+                    "there; a value on a line of its own, or a continuation that lost its indent?)")
 
 
 def test_missing_file_is_reported_as_unreadable(tmp_path):
@@ -694,3 +695,114 @@ def test_routes_exits_1_on_an_invalid_config(tmp_path, capsys):
 def test_path_may_not_carry_routing_syntax(tmp_path):
     path, line = only_problem(tmp_path, "[service:s]\nnodes = 127.0.0.1:80\n[api:a]\nservice = s\npath = /x/<id>\n")
     assert line.startswith(f"{path}: [api:a] path: '/x/<id>' may not contain '<'")
+
+
+# -- no secret in a problem --
+
+# a ServiceAccount-like JWT (base64url: no '=' or ':') and a padded static token
+JWT = ("eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ"
+       ".c2lnbmF0dXJlLXRoYXQtaXMtc2VjcmV0")
+PADDED = "c2VjcmV0LXRva2VuLXRoYXQtbXVzdC1ub3QtbGVhaw=="
+REGISTRY_HEAD = "[registry:r]\ntype = kubernetes\napi_server = https://10.0.0.1:6443\n"
+
+
+def secret_parts(token: str) -> list[str]:
+    """Every piece of the token a message might quote (a wrapped token is split in two)."""
+    pieces = re.split(r"[.=]", token) + [token[: len(token) // 2], token[len(token) // 2:]]
+    return [p for p in pieces if len(p) >= 8]
+
+
+SECRET_SHAPES = {
+    # the value on a line of its own: configparser cannot parse the line
+    "own line": (JWT, REGISTRY_HEAD + f"token =\n{JWT}\n",
+                 r"\[registry:r\]: line 5: not key = value \(the line is not shown"),
+    # the same with '=' padding: configparser reads a key
+    "own line, padded": (PADDED, REGISTRY_HEAD + f"token =\n{PADDED}\n",
+                         r"\[registry:r\]: line 5: unknown key, not shown"),
+    "padded, twice": (PADDED, REGISTRY_HEAD + f"{PADDED}\n{PADDED}\n",
+                      r"\[registry:r\]: a key that is not shown .* is set twice \(lines 4 and 5\)"),
+    "before any section": (JWT, f"{JWT}\n" + REGISTRY_HEAD, r"line 1: a line is outside any \[section\]"),
+    "padded, before any section": (PADDED, f"{PADDED}\n" + REGISTRY_HEAD,
+                                   r"line 1: a line is outside any \[section\]"),
+    # wrapped onto an indented line: the value spans two lines
+    "wrapped": (JWT, REGISTRY_HEAD + f"token = {JWT[:60]}\n  {JWT[60:]}\n",
+                r"\[registry:r\] token: invalid value over 2 lines, not shown"),
+    "continuing another key": (JWT, REGISTRY_HEAD.replace("6443\n", f"6443\n    {JWT}\n") + "token = t\n",
+                               r"\[registry:r\] api_server: invalid value over 2 lines, not shown"),
+    "continuing a path": (JWT, REGISTRY_HEAD + f"token_file = /var/run/token\n    {JWT}\n",
+                          r"\[registry:r\] token_file: invalid value over 2 lines, not shown"),
+    "with a tab": (JWT, REGISTRY_HEAD + f"token = {JWT[:60]}\t{JWT[60:]}\n",
+                   r"\[registry:r\] token: may not hold control characters or line breaks"),
+    "twice": (JWT, REGISTRY_HEAD + f"token = {JWT}\ntoken = {JWT}x\n",
+              r"\[registry:r\] token: set twice \(lines 4 and 5\)"),
+}
+
+
+@pytest.mark.parametrize("shape", SECRET_SHAPES)
+def test_check_never_quotes_a_token_whatever_the_mistake(tmp_path, capsys, shape):
+    token, text, expected = SECRET_SHAPES[shape]
+    path = write(tmp_path, text)
+    assert cli.main(["check", "-c", str(path)]) == 1
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert re.search(re.escape(f"{path}: ") + expected, output), output
+    for part in secret_parts(token):
+        assert part not in output, (part, output)
+
+
+def test_a_token_cannot_hold_a_control_character_or_a_line_separator():
+    for value in ("abc\tdef", "abc\x00def", "abc\u2028def", "abc\x85def"):
+        with pytest.raises(ConfigError) as info:
+            parse(REGISTRY_HEAD + f"token = {value}\n")
+        assert [str(p) for p in info.value.problems] == [
+            "<string>: [registry:r] token: may not hold control characters or line breaks "
+            "(a token wrapped onto a second line?)"]
+
+
+def test_a_multi_line_value_that_does_not_parse_is_not_quoted():
+    with pytest.raises(ConfigError) as info:
+        parse(VALID.replace("nodes = 127.0.0.1:8081", "nodes = 127.0.0.1:8081\n  not-a-node-secret"))
+    assert [str(p) for p in info.value.problems] == [
+        "<string>: [service:s] nodes: invalid value over 2 lines, not shown since a secret may stand on one "
+        "(an indented line continues the key above it)"]
+
+
+# -- warnings: a token sent in clear --
+
+@pytest.mark.parametrize("given", ["token = t0ken", "token_file = {tmp}/token"])
+def test_check_warns_when_a_token_would_travel_to_an_http_api_server(tmp_path, capsys, given):
+    (tmp_path / "token").write_text("t0ken")
+    path = write(tmp_path, "[registry:r]\ntype = kubernetes\napi_server = http://10.0.0.1:8080\n"
+                 + given.format(tmp=tmp_path) + "\n")
+    assert cli.main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    key = given.split()[0]
+    assert out == [f"{path}: [registry:r] api_server: warning: http:// sends the {key}'s bearer token in "
+                   "clear to the API server; use https://",
+                   f"{path}: ok (0 services, 0 apis, 1 registries)"]
+
+
+def test_no_cleartext_warning_for_https_or_without_a_token(tmp_path, capsys):
+    for api_server, token in (("https://10.0.0.1:6443", "token = t0ken\n"), ("http://10.0.0.1:8080", "")):
+        path = write(tmp_path, f"[registry:r]\ntype = kubernetes\napi_server = {api_server}\n{token}")
+        assert cli.main(["check", "-c", str(path)]) == 0
+        assert "in clear" not in capsys.readouterr().out
+
+
+# -- settings a reload cannot apply --
+
+def test_restart_only_settings_are_declared_on_the_setting_and_named_by_restart_needed():
+    from kproxy.config import restart_needed
+    restart = {s.key for s in GATEWAY if s.restart}
+    assert {"listen", "threads", "workers", "keepalive_timeout", "client_header_timeout",
+            "client_body_timeout", "client_send_timeout", "access_log", "access_log_format"} == restart
+    assert not any(s.restart for s in REGISTRY + SERVICE + API)
+    before = parse("[kproxy]\nthreads = 8\nread_timeout = 60\n" + VALID).gateway
+    after = parse("[kproxy]\nthreads = 16\nread_timeout = 5\nlisten = 127.0.0.1:1\n" + VALID).gateway
+    assert restart_needed(before, after) == ["listen", "threads"]  # read_timeout applies on reload
+    assert restart_needed(before, before) == []
+    assert "``threads``" in reference() and "needs a restart" in reference()
+    from kproxy.config import keep_restart_settings
+    reloaded = keep_restart_settings(parse("[kproxy]\nthreads = 16\nread_timeout = 5\n" + VALID),
+                                     parse("[kproxy]\nthreads = 8\n" + VALID))
+    assert (reloaded.gateway.threads, reloaded.gateway.read_timeout) == (8, 5.0)
