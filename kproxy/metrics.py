@@ -16,6 +16,10 @@ runs the same reflectors, so they describe what that worker routes by.
                                                         tls, read_timeout, bad_response, broken_body)
 ``kproxy_upstream_retries_total``                       service
 ``kproxy_upstream_ejections_total``                     service (passive health)
+``kproxy_tunnels_open``                                  service (gauge: Upgrade tunnels being relayed)
+``kproxy_tunnels_total``                                 service (tunnels opened)
+``kproxy_tunnel_bytes_total``                            service, direction (to_upstream, to_client;
+                                                        counted when the tunnel closes)
 ``kproxy_discovery_*``                                  registry (see ``DiscoveryCollector``)
 ======================================================  ==================================
 
@@ -36,6 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,6 +62,12 @@ CONNECT_FAILURES = Counter("kproxy_upstream_connect_failures", "Connections to n
 UPSTREAM_ERRORS = Counter("kproxy_upstream_errors", "Failed exchanges with nodes, by kind", ["service", "kind"])
 RETRIES = Counter("kproxy_upstream_retries", "Requests sent again to another node", ["service"])
 EJECTIONS = Counter("kproxy_upstream_ejections", "Nodes taken out of rotation by passive health", ["service"])
+ZONE_REQUESTS = Counter("kproxy_upstream_zone_requests", "Requests sent to a node in kproxy's zone (same), "
+                        "in another (other), or where either zone is unknown", ["service", "locality"])
+TUNNELS_OPEN = Gauge("kproxy_tunnels_open", "Upgrade tunnels (WebSockets) being relayed", ["service"],
+                     multiprocess_mode="livesum")
+TUNNELS = Counter("kproxy_tunnels", "Upgrade tunnels opened", ["service"])
+TUNNEL_BYTES = Counter("kproxy_tunnel_bytes", "Bytes relayed through closed tunnels", ["service", "direction"])
 
 
 FLUSH_INTERVAL = 1.0  # seconds
@@ -167,6 +178,8 @@ def observe(record: RequestRecord) -> None:
         UPSTREAM_ERRORS.labels(record.service, kind).inc()
         if kind.startswith("connect") or kind == "tls":
             CONNECT_FAILURES.labels(record.service).inc()
+    if record.node is not None and record.locality != "unknown":
+        ZONE_REQUESTS.labels(record.service, record.locality).inc()
     if record.attempts > 1:
         RETRIES.labels(record.service).inc(record.attempts - 1)
     if record.ejections:
@@ -224,3 +237,14 @@ def exposition(registries: Mapping[str, Registry]) -> tuple[bytes, str]:
     discovery = CollectorRegistry()
     discovery.register(DiscoveryCollector(registries))
     return output + generate_latest(discovery), CONTENT_TYPE_LATEST
+
+
+def tunnel_opened(service: str) -> None:
+    TUNNELS.labels(service).inc()
+    TUNNELS_OPEN.labels(service).inc()
+
+
+def tunnel_closed(service: str, to_upstream: int, to_client: int) -> None:
+    TUNNELS_OPEN.labels(service).dec()
+    TUNNEL_BYTES.labels(service, "to_upstream").inc(to_upstream)
+    TUNNEL_BYTES.labels(service, "to_client").inc(to_client)

@@ -12,7 +12,19 @@ balancer can keep per-node state (weights, ejections) across node-list changes::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the cluster says a node runs, and where it wants its traffic to come from:
+    the endpoint's zone and node, its EndpointSlice hints (None: the slice gave none), and
+    its Service's ``trafficDistribution``. One object is shared by the nodes that agree."""
+    zone: str | None = None
+    node_name: str | None = None
+    for_zones: frozenset[str] | None = None
+    for_nodes: frozenset[str] | None = None
+    distribution: str | None = None     # PreferClose, PreferSameZone, PreferSameNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +32,12 @@ class Node:
     host: str
     port: int
     weight: int = 1
+    placement: Placement | None = field(default=None, repr=False)
+    terminating: bool = field(default=False, repr=False)  # serving, not ready: the service drains
+
+    @property
+    def zone(self) -> str | None:
+        return self.placement.zone if self.placement is not None else None
 
     @property
     def address(self) -> str:

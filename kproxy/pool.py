@@ -42,6 +42,7 @@ class TLSPolicy:
     """How https nodes are verified: a CA bundle, the system CAs, or not at all."""
 
     def __init__(self, ca_file: str | None = None, verify: bool = True):
+        self.ca_file, self.verify = ca_file, verify
         if not verify:
             self.pool_kwargs = {"cert_reqs": "CERT_NONE", "assert_hostname": False}
         elif ca_file:

@@ -21,6 +21,7 @@ class RequestRecord:
     service: str = "-"
     api: str = "-"
     node: Node | None = None
+    locality: str = "unknown"   # the node's zone against kproxy's: same, other, unknown
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     status: int = 0

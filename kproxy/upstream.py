@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from itertools import chain
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Protocol
 
 from .node import Node
@@ -34,6 +36,45 @@ log = logging.getLogger("kproxy")
 
 NodeSource = Callable[[], "tuple[Node, ...] | None"]
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+SLOW_START_FLOOR = 0.1  # a node's share of its weight when its slow start begins
+PREFER_ZONE = frozenset({"PreferClose", "PreferSameZone", "PreferSameNode"})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    node: Node
+    state: str        # ready, serving-terminating, slow-starting, ejected, unhealthy
+    weight: float     # its weight now, slow start applied
+    locality: str     # same, other, unknown (zone)
+
+
+def topology_tiers(nodes: tuple[Node, ...], topology: str, zone: str | None,
+                   node_name: str | None) -> tuple[tuple[Node, ...], ...]:
+    """The nodes in preference tiers, most preferred first; the last tier is all of them.
+
+    ``auto`` follows the cluster: EndpointSlice hints when every node has them (as
+    kube-proxy does), else the Service's ``trafficDistribution`` (same node for
+    ``PreferSameNode``, then same zone). ``prefer-zone``: kproxy's zone first. ``off``:
+    one tier. Empty tiers are left out, so a zone with no node falls back to all."""
+    tiers: list[tuple[Node, ...]] = []
+    if topology == "prefer-zone" and zone:
+        tiers.append(tuple(n for n in nodes if n.zone == zone))
+    elif topology == "auto":
+        placements = [n.placement for n in nodes]
+        distribution = next((p.distribution for p in placements if p is not None and p.distribution), None)
+        if all(p is not None and (p.for_zones is not None or p.for_nodes is not None) for p in placements):
+            if node_name and distribution == "PreferSameNode":
+                tiers.append(tuple(n for n in nodes if node_name in (n.placement.for_nodes or ())))
+            if zone:
+                tiers.append(tuple(n for n in nodes if zone in (n.placement.for_zones or ())))
+        elif distribution in PREFER_ZONE:
+            if node_name and distribution == "PreferSameNode":
+                tiers.append(tuple(n for n in nodes if n.placement is not None and n.placement.node_name == node_name))
+            if zone:
+                tiers.append(tuple(n for n in nodes if n.zone == zone))
+    return tuple(t for t in tiers if t and len(t) < len(nodes)) + (nodes,)
 
 
 class NoNodes(LookupError):
@@ -74,23 +115,36 @@ class Upstream:
     """``scheme``, ``tls``: how nodes are spoken to. ``pass_host``: the Host a node sees
     (``pass`` the client's, ``node`` its address, ``rewrite`` ``upstream_host``).
     ``retries``: how many other nodes a failed request may try (None: each other node
-    once)."""
+    once). ``zone``, ``node_name``, ``topology``: which nodes are preferred (``topology``).
+    ``slow_start``: seconds over which a node that joins ramps up to its full weight.
+
+    Which node takes a request, in order: nodes not yet tried, not ejected and not
+    failing their health checks; of those, the most preferred topology tier that has any
+    (same node, same zone, then all); then smooth weighted round robin (nginx's), each
+    weight scaled by the node's slow-start ramp. Nodes are told apart by address, so a
+    node whose zone or readiness changes keeps its place, ejection and ramp."""
 
     def __init__(self, name: str, source: NodeSource, cooldown: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, *, scheme: str = "http",
                  tls: TLSPolicy | None = None, pass_host: str = "pass", upstream_host: str | None = None,
-                 retries: int | None = None):
+                 retries: int | None = None, zone: str | None = None, node_name: str | None = None,
+                 topology: str = "auto", slow_start: float = 0.0):
         self.name = name
         self.scheme, self.tls = scheme, tls
         self.pass_host, self.upstream_host = pass_host, upstream_host
         self.retries = retries
+        self.zone, self.node_name, self.topology = zone, node_name, topology
+        self.slow_start = slow_start
         self._source = source
         self._cooldown = cooldown
         self._clock = clock
         self._lock = threading.Lock()
         self._nodes: tuple[Node, ...] | None = None
-        self._current: dict[Node, int] = {}
-        self._ejected: dict[Node, float] = {}  # node -> time it may come back
+        self._tiers: tuple[tuple[Node, ...], ...] = ()
+        self._current: dict[Node, float] = {}
+        self._ejected: dict[Node, float] = {}    # node -> time it may come back
+        self._unhealthy: set[Node] = set()       # failing active health checks
+        self._ramp_from: dict[Node, float] = {}  # node -> time its slow start began
 
     def nodes(self) -> tuple[Node, ...]:
         nodes = self._source()
@@ -99,17 +153,23 @@ class Upstream:
         return nodes
 
     def pick(self, exclude: Iterable[Node] = (), nodes: tuple[Node, ...] | None = None) -> Node:
-        """The next node by smooth weighted round robin (nginx's algorithm), skipping
-        ``exclude`` and ejected nodes. When every node is ejected, ejections are ignored:
-        trying a node that may have recovered beats refusing outright. ``nodes``: a list
-        the caller already has from ``nodes()`` (one request, one view of the service)."""
+        """The next node (see the class), skipping ``exclude``. When every node is ejected
+        or unhealthy, those marks are ignored: trying a node that may have recovered beats
+        refusing outright. ``nodes``: a list the caller already has from ``nodes()`` (one
+        request, one view of the service)."""
         if nodes is None:
             nodes = self.nodes()
         with self._lock:
             if nodes is not self._nodes:
                 self._adopt(nodes)
             now = self._clock()
-            candidates = [n for n in nodes if n not in exclude and self._ejected.get(n, 0.0) <= now]
+            ejected, unhealthy = self._ejected, self._unhealthy
+            candidates: list[Node] = []
+            for tier in self._tiers:
+                candidates = [n for n in tier if n not in exclude and n not in unhealthy
+                              and ejected.get(n, 0.0) <= now]
+                if candidates:
+                    break
             if not candidates:
                 candidates = [n for n in nodes if n not in exclude]
                 if not candidates:
@@ -117,30 +177,108 @@ class Upstream:
             if len(candidates) == 1:
                 return candidates[0]
             current = self._current
-            total = 0
+            ramps = self._ramp_from
+            total = 0.0
             best = candidates[0]
             for node in candidates:
-                current[node] += node.weight
-                total += node.weight
+                weight = node.weight if node not in ramps else node.weight * self._ramp(node, now)
+                current[node] += weight
+                total += weight
                 if current[node] > current[best]:
                     best = node
             current[best] -= total
             return best
 
+    def _ramp(self, node: Node, now: float) -> float:
+        # linear from SLOW_START_FLOOR to 1 over slow_start seconds, as Envoy's slow start
+        # with aggression 1 and min_weight_percent 10
+        elapsed = now - self._ramp_from[node]
+        if elapsed >= self.slow_start:
+            del self._ramp_from[node]
+            return 1.0
+        return max(SLOW_START_FLOOR, elapsed / self.slow_start)
+
     def _adopt(self, nodes: tuple[Node, ...]) -> None:
+        # state follows a node's address: its zone or readiness may change, it stays the node
+        first = self._nodes is None
+        known = chain(self._nodes or (), self._ejected, self._unhealthy, self._ramp_from)
+        by_address = {(n.host, n.port): n for n in known}
+        moved = {n: by_address.get((n.host, n.port)) for n in nodes}
         self._nodes = nodes
-        self._current = {n: self._current.get(n, 0) for n in nodes}
-        self._ejected = {n: t for n, t in self._ejected.items() if n in self._current}
+        self._current = {n: self._current.get(old, 0.0) if old else 0.0 for n, old in moved.items()}
+        self._ejected = {n: self._ejected[old] for n, old in moved.items() if old in self._ejected}
+        self._unhealthy = {n for n, old in moved.items() if old in self._unhealthy}
+        ramps = {n: self._ramp_from[old] for n, old in moved.items() if old in self._ramp_from}
+        if self.slow_start and not first:  # the first sync is never slowed
+            now = self._clock()
+            for n, old in moved.items():
+                if old is None:
+                    ramps[n] = now
+        self._ramp_from = ramps
+        self._tiers = topology_tiers(nodes, self.topology, self.zone, self.node_name)
 
     def failed(self, node: Node) -> None:
-        """Eject ``node`` for the cool-down: it refused a connection or timed out."""
+        """Eject ``node`` for the cool-down: it refused a connection or timed out. It comes
+        back slowly (``slow_start``) when the cool-down ends."""
         with self._lock:
-            self._ejected[node] = self._clock() + self._cooldown
+            until = self._clock() + self._cooldown
+            self._ejected[node] = until
+            if self.slow_start:
+                self._ramp_from[node] = until
+
+    def set_health(self, node: Node, healthy: bool) -> None:
+        """What the active health checks concluded (after their thresholds)."""
+        with self._lock:
+            node = self._current_node(node)
+            if node is None:
+                return
+            if not healthy:
+                self._unhealthy.add(node)
+            elif node in self._unhealthy:
+                self._unhealthy.discard(node)
+                if self.slow_start:
+                    self._ramp_from[node] = self._clock()
+
+    def is_unhealthy(self, node: Node) -> bool:
+        with self._lock:
+            return self._current_node(node) in self._unhealthy
+
+    def _current_node(self, node: Node) -> Node | None:
+        for n in self._nodes or ():
+            if n.host == node.host and n.port == node.port:
+                return n
+        return None
 
     def ejected(self) -> list[Node]:
         now = self._clock()
         with self._lock:
             return [n for n, t in self._ejected.items() if t > now]
+
+    def states(self) -> list[NodeState]:
+        """Every current node as operators see it: for the dashboard and the status JSON."""
+        now = self._clock()
+        with self._lock:
+            out = []
+            for n in self._nodes or ():
+                if n in self._unhealthy:
+                    state = "unhealthy"
+                elif self._ejected.get(n, 0.0) > now:
+                    state = "ejected"
+                elif n in self._ramp_from and now - self._ramp_from[n] < self.slow_start:
+                    state = "slow-starting"
+                elif n.terminating:
+                    state = "serving-terminating"
+                else:
+                    state = "ready"
+                ramp = self._ramp(n, now) if n in self._ramp_from and self._ramp_from[n] <= now else 1.0
+                out.append(NodeState(n, state, n.weight * ramp, self.locality(n)))
+            return out
+
+    def locality(self, node: Node) -> str:
+        """``same`` or ``other`` zone than kproxy's, or ``unknown``."""
+        if self.zone is None or node.zone is None:
+            return "unknown"
+        return "same" if node.zone == self.zone else "other"
 
     def send(self, transport: Transport, record: RequestRecord, target: str, headers: dict[str, str],
              body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
@@ -173,6 +311,7 @@ class Upstream:
             if self.pass_host == "node":
                 headers["Host"] = node.address
             record.node, record.attempts = node, len(tried)
+            record.locality = self.locality(node)
             sent = time.perf_counter()
             try:
                 response = transport.send(node, record.method, target, headers, body, chunked,

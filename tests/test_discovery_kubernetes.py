@@ -343,7 +343,7 @@ def test_endpointslices_merge_dedupe_ready_serving_terminating(kube, namespace, 
     ]))
     kube.delete(endpoint_slice(namespace, "web-b", "web", []))
     kube.delete(endpoint_slice(namespace, "web-v6", "web", []))
-    wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.1"))
+    wait_until(lambda: registry.nodes(namespace, "web", "80") == (Node("127.0.0.1", 8080, terminating=True),))
     # a ready endpoint comes back: the draining one is dropped
     kube.apply(endpoint_slice(namespace, "web-b", "web", [ready("127.0.0.5")]))
     wait_until(lambda: registry.nodes(namespace, "web", "80") == nodes("127.0.0.5"))

@@ -105,7 +105,7 @@ def test_view_falls_back_to_serving_terminating_never_not_ready():
                                     ep("10.0.0.2", ready=False, serving=False, terminating=True),
                                     ep("10.0.0.3", ready=False)])]
     view = build_view(draining, service("web", [("http", 80, "TCP")]))
-    assert view.ports["80"] == (Node("10.0.0.1", 8080),)
+    assert view.ports["80"] == (Node("10.0.0.1", 8080, terminating=True),)  # shown as draining
     dead = [slice_("a", "web", [ep("10.0.0.2", ready=False, serving=False), ep("10.0.0.3", ready=False)])]
     assert build_view(dead, service("web", [("http", 80, "TCP")])).ports["80"] == ()
 

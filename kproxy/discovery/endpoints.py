@@ -13,18 +13,25 @@ unnamed endpoint port is the only port of its Service, so it answers any port nu
 Endpoint semantics: every slice of a service is merged and de-duplicated by address and
 port; ready endpoints (``ready`` unset counts as ready) are used; when none is ready, the
 serving ones (terminating included), so a draining service still answers; never the rest.
+
+Topology: each node carries its ``Placement``: the endpoint's zone (v1 ``zone``, v1beta1
+``topology["topology.kubernetes.io/zone"]``), its node (``nodeName``, or v1beta1's
+``kubernetes.io/hostname``), its ``hints.forZones``/``forNodes`` and the Service's
+``spec.trafficDistribution``. Which of them to follow is the upstream's choice.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
-from ..node import Node
+from ..node import Node, Placement
 from .cache import Object
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 READY, SERVING = 2, 1  # endpoint states kept by the trimmers; not-ready ones are dropped
 EMPTY: tuple[Node, ...] = ()
 
@@ -34,7 +41,8 @@ ServiceKey = tuple[str, str]
 # -- trimming objects to what the port mapping needs --
 # A trimmed endpoints object: {"metadata": {namespace, name, resourceVersion}, "service": name,
 #   "groups": [(ports, endpoints)]} where ports = ((name, number), ...) and
-#   endpoints = ((address, READY|SERVING), ...): every port of a group applies to every endpoint.
+#   endpoints = ((address, READY|SERVING, placement), ...): every port of a group applies to
+#   every endpoint; placement is a Placement without the Service's distribution, or None.
 
 def _metadata(obj: Object) -> dict[str, str]:
     m = obj["metadata"]
@@ -69,7 +77,8 @@ def trim_endpoints(obj: Object) -> Object:
     groups = []
     for subset in obj.get("subsets") or ():
         ports = _tcp_ports(subset.get("ports"))
-        addresses = tuple((ip, READY) for ip in (_ip(a.get("ip")) for a in subset.get("addresses") or ()) if ip)
+        addresses = tuple((ip, READY, _placement(None, a.get("nodeName"), None))
+                          for a, ip in ((a, _ip(a.get("ip"))) for a in subset.get("addresses") or ()) if ip)
         if ports and addresses:
             groups.append((ports, addresses))
     return {"metadata": _metadata(obj), "service": obj["metadata"]["name"], "groups": groups}
@@ -94,15 +103,40 @@ def trim_slice(obj: Object) -> Object | None:
             state = SERVING
         else:
             continue
+        topology = endpoint.get("topology") or {}  # v1beta1
+        zone = endpoint.get("zone") or topology.get(ZONE_LABEL)
+        node_name = endpoint.get("nodeName") or topology.get(HOSTNAME_LABEL)
         # the addresses of one endpoint are fungible: consumers use the first
-        endpoints.append((_ip(addresses[0]), state))
+        endpoints.append((_ip(addresses[0]), state, _placement(zone, node_name, endpoint.get("hints"))))
     ports = _tcp_ports(obj.get("ports"))
     groups = [(ports, tuple(endpoints))] if ports and endpoints else []
     return {"metadata": _metadata(obj), "service": service, "groups": groups}
 
 
+def _placement(zone: Any, node_name: Any, hints: Any) -> Placement | None:
+    for_zones = for_nodes = None
+    if isinstance(hints, dict):
+        for_zones = _names(hints.get("forZones"))
+        for_nodes = _names(hints.get("forNodes"))
+    zone = zone if isinstance(zone, str) and zone else None
+    node_name = node_name if isinstance(node_name, str) and node_name else None
+    if zone is None and node_name is None and for_zones is None and for_nodes is None:
+        return None
+    return Placement(zone, node_name, for_zones, for_nodes)
+
+
+def _names(entries: Any) -> frozenset[str] | None:
+    """``[{"name": "a"}, ...]`` (hints' forZones, forNodes) as a set; None if absent."""
+    if not isinstance(entries, list):
+        return None
+    return frozenset(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
+
+
 def trim_service(obj: Object) -> Object:
-    return {"metadata": _metadata(obj), "ports": _tcp_ports((obj.get("spec") or {}).get("ports"))}
+    spec = obj.get("spec") or {}
+    distribution = spec.get("trafficDistribution")
+    return {"metadata": _metadata(obj), "ports": _tcp_ports(spec.get("ports")),
+            "distribution": distribution if isinstance(distribution, str) else None}
 
 
 def service_key(obj: Object) -> ServiceKey:
@@ -122,18 +156,21 @@ class ServiceView:
 
 def build_view(endpoint_objects: Iterable[Object], service: Object | None) -> ServiceView:
     """Merge a service's endpoints objects and map them to its ports (pure function)."""
-    merged: dict[str, dict[tuple[str, int], int]] = {}  # port name -> (address, number) -> state
+    # port name -> (address, number) -> (state, placement)
+    merged: dict[str, dict[tuple[str, int], tuple[int, Placement | None]]] = {}
     for obj in endpoint_objects:
         for ports, endpoints in obj["groups"]:
             for name, number in ports:
                 entries = merged.setdefault(name, {})
-                for address, state in endpoints:
-                    if entries.get((address, number), 0) < state:
-                        entries[(address, number)] = state
+                for address, state, placement in endpoints:
+                    if entries.get((address, number), _NONE)[0] < state:
+                        entries[(address, number)] = (state, placement)
+    distribution = service.get("distribution") if service is not None else None
     interned: dict[tuple[Node, ...], tuple[Node, ...]] = {}
+    placements: dict[Placement, Placement] = {}
 
-    def usable(entries: Mapping[tuple[str, int], int]) -> tuple[Node, ...]:
-        nodes = _usable(entries)
+    def usable(entries: Mapping[tuple[str, int], tuple[int, Placement | None]]) -> tuple[Node, ...]:
+        nodes = _usable(entries, distribution, placements)
         return interned.setdefault(nodes, nodes)  # equal node lists share one tuple
 
     if service is not None:
@@ -147,7 +184,7 @@ def build_view(endpoint_objects: Iterable[Object], service: Object | None) -> Se
     if set(merged) == {""}:
         return ServiceView({}, usable(merged[""]), "endpoints")
     ports = {}
-    by_number: dict[int, dict[tuple[str, int], int]] = {}
+    by_number: dict[int, dict[tuple[str, int], tuple[int, Placement | None]]] = {}
     for name, entries in merged.items():
         if name:
             ports[name] = usable(entries)
@@ -158,11 +195,24 @@ def build_view(endpoint_objects: Iterable[Object], service: Object | None) -> Se
     return ServiceView(ports, None, "endpoints")
 
 
-def _usable(entries: Mapping[tuple[str, int], int]) -> tuple[Node, ...]:
-    chosen = [k for k, state in entries.items() if state == READY]
+_NONE = (0, None)
+
+
+def _usable(entries: Mapping[tuple[str, int], tuple[int, Placement | None]], distribution: str | None,
+            placements: dict[Placement, Placement]) -> tuple[Node, ...]:
+    state = READY if any(s == READY for s, _ in entries.values()) else SERVING
+    chosen = sorted(((key, placement) for key, (s, placement) in entries.items() if s == state),
+                    key=lambda pair: pair[0])
     if not chosen:
-        chosen = [k for k, state in entries.items() if state == SERVING]
-    return tuple(Node(address, number) for address, number in sorted(chosen)) if chosen else EMPTY
+        return EMPTY
+    nodes = []
+    for (address, number), placement in chosen:
+        if distribution is not None:
+            placement = replace(placement or Placement(), distribution=distribution)
+        if placement is not None:
+            placement = placements.setdefault(placement, placement)  # shared, not one per node
+        nodes.append(Node(address, number, placement=placement, terminating=state == SERVING))
+    return tuple(nodes)
 
 
 def keep_unchanged(view: ServiceView, old: ServiceView | None) -> ServiceView:

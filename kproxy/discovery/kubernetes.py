@@ -24,10 +24,10 @@ import os
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..config import RegistryConfig
-from ..node import Node
+from ..node import Node, Placement
 from . import RegistryStats
 from .apiserver import ENDPOINTS, ApiConnection, EndpointApi, collection_path
 from .cache import Change, Object, Store
@@ -92,6 +92,10 @@ class KubernetesRegistry:
     def add_listener(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs on a reflector thread after every published change."""
         self._listeners.append(callback)
+
+    def snapshot(self) -> Mapping[ServiceKey, ServiceView]:
+        """The current immutable snapshot (for the discovery process, which diffs by identity)."""
+        return self._snapshot
 
     # -- the request path --
 
@@ -274,6 +278,13 @@ class KubernetesRegistry:
                 entry["service_ports"] = [{"name": n, "port": p} for n, p in view.service_ports]
             if view.any_port is not None:  # a single unnamed endpoint port answers any number
                 entry["ports"]["*"] = [n.address for n in view.any_port]
+            nodes = {n for port in view.ports.values() for n in port} | set(view.any_port or ())
+            placed = {n.host: n.placement for n in nodes if n.placement is not None}
+            if placed:  # where each address runs, and where the cluster wants its traffic from
+                entry["placement"] = {host: _placement_json(p) for host, p in sorted(placed.items())}
+            terminating = sorted({n.host for n in nodes if n.terminating})
+            if terminating:
+                entry["terminating"] = terminating
             services[f"{namespace}/{name}"] = entry
         warnings = list(self._warnings.values())
         return {
@@ -295,3 +306,14 @@ class KubernetesRegistry:
             "changes": self.changes, "last_change": self.last_change,
             "services": services,
         }
+
+
+def _placement_json(placement: Placement) -> dict[str, Any]:
+    out: dict[str, Any] = {"zone": placement.zone, "node": placement.node_name}
+    if placement.for_zones is not None:
+        out["hints_for_zones"] = sorted(placement.for_zones)
+    if placement.for_nodes is not None:
+        out["hints_for_nodes"] = sorted(placement.for_nodes)
+    if placement.distribution is not None:
+        out["traffic_distribution"] = placement.distribution
+    return out
