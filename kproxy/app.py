@@ -34,6 +34,7 @@ from .record import RequestRecord
 from .body import BodyTooLarge, ClientDisconnected, RelayedBody
 from .client import client_address
 from .discovery import Registry, all_ready, create_registry
+from .health import HealthCheck, HealthChecker
 from .headers import add_forwarded_headers, request_headers, response_headers
 from .http1 import InvalidRequest
 from .pool import TLSPolicy
@@ -47,6 +48,7 @@ log = logging.getLogger("kproxy")
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 _pid = os.getpid()  # asked again after a fork, not per request (it is a system call)
+_NODE_NAME = os.environ.get("KPROXY_NODE_NAME") or None  # for PreferSameNode (the Downward API gives it)
 
 
 def _forked() -> None:
@@ -73,6 +75,7 @@ class ActiveConfig:
     def __init__(self, config: Config, registries: Mapping[str, Registry]):
         self.config = config
         self.registries = registries
+        self.health_checkers: list[HealthChecker] = []  # started with the registries, after fork
         self.router = Router()
         upstreams = {name: self._upstream(service) for name, service in config.services.items()}
         for api in config.apis.values():
@@ -92,9 +95,17 @@ class ActiveConfig:
         tls = None
         if service.scheme == "https":
             tls = TLSPolicy(service.ca_file, not service.insecure_skip_tls_verify)
-        return Upstream(service.name, source, self.config.gateway.node_cooldown, scheme=service.scheme,
-                        tls=tls, pass_host=service.pass_host, upstream_host=service.upstream_host,
-                        retries=service.retries)
+        upstream = Upstream(service.name, source, self.config.gateway.node_cooldown, scheme=service.scheme,
+                            tls=tls, pass_host=service.pass_host, upstream_host=service.upstream_host,
+                            retries=service.retries, zone=self.config.gateway.zone, node_name=_NODE_NAME,
+                            topology=service.topology, slow_start=service.slow_start)
+        if service.health_check_path:
+            check = HealthCheck(service.health_check_path, service.health_check_interval,
+                                service.health_check_timeout, service.healthy_threshold,
+                                service.unhealthy_threshold,
+                                service.upstream_host if service.pass_host == "rewrite" else None)
+            self.health_checkers.append(HealthChecker(upstream, check))
+        return upstream
 
 
 class Gateway:
@@ -145,8 +156,12 @@ class Gateway:
             self.active = ActiveConfig(self.config, registries)
             for registry in registries.values():
                 registry.start()
+            for checker in self.active.health_checkers:
+                checker.start()
 
     def stop(self) -> None:
+        for checker in self.active.health_checkers:
+            checker.stop()
         for registry in self.registries.values():
             registry.stop()
         self.transport.close()
@@ -177,6 +192,11 @@ class Gateway:
                                                         config.gateway.read_timeout)
             self.transport.keepalive_timeout = config.gateway.upstream_keepalive_timeout
             self.active = ActiveConfig(config, registries)
+            if self._started_pid == os.getpid():
+                for checker in self.active.health_checkers:
+                    checker.start()
+        for checker in old.health_checkers:
+            checker.stop()
         for name, registry in old.registries.items():
             if registries.get(name) is not registry:
                 registry.stop()

@@ -1,7 +1,9 @@
 """INI configuration: every setting declared once, with its parser, default and doc.
 
-The tables below (``GATEWAY``, ``REGISTRY``, ``SERVICE``, ``API``) are the single source
-for parsing, validation, defaults, ``kproxy check`` messages and the README's reference::
+Each setting is declared once, on its section's dataclass field (``setting()``: parser,
+default, doc); the tables ``GATEWAY``, ``REGISTRY``, ``SERVICE``, ``API`` are read from
+those fields, and are the source for parsing, validation, defaults, ``kproxy check``
+messages and the README's reference::
 
     >>> config = load("conf/kproxy.ini")          # raises ConfigError listing every problem
     >>> config.services["sd-app"].port
@@ -30,12 +32,27 @@ REQUIRED: Any = object()
 
 @dataclass(frozen=True)
 class Setting:
+    """One key of a section, as ``setting()`` declared it on its dataclass field."""
     key: str
     parse: Callable[[str], Any]
     default: Any
     doc: str
     restart: bool = False  # read only when the processes start: a reload says so, and keeps the old value
-    secret: bool = False   # its value never appears in a problem
+    secret: bool = False   # its value never appears in a problem, nor in the dataclass's repr
+
+
+def setting(parse: Callable[[str], Any], default: Any, doc: str, *, restart: bool = False,
+            secret: bool = False) -> Any:
+    """Declare a setting where its typed field is: parser, default and documentation in one
+    place, as gunicorn's config does. ``settings_of`` reads them back."""
+    return field(default=default, repr=not secret,
+                 metadata={"kproxy": {"parse": parse, "doc": doc, "restart": restart, "secret": secret}})
+
+
+def settings_of(section: type) -> tuple[Setting, ...]:
+    """The settings a section's dataclass declares, in their order."""
+    return tuple(Setting(f.name, default=f.default, **f.metadata["kproxy"])
+                 for f in fields(section) if "kproxy" in f.metadata)
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,26 @@ def _path_prefix(value: str) -> str:
     return value.rstrip("/")
 
 
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+
+
+def _label_value(value: str) -> str | None:
+    """A Kubernetes label value (a zone, a node name); empty is None."""
+    if value == "":
+        return None
+    if not _LABEL_VALUE.fullmatch(value):
+        raise ValueError("must be a Kubernetes label value: up to 63 letters, digits, '-', '_' or '.', "
+                         "starting and ending with a letter or digit")
+    return value
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
 def _path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"{value!r} must start with '/'")
@@ -234,139 +271,81 @@ def _label_selector(value: str) -> str:
     return value
 
 
-# -- the settings --
-
-GATEWAY = (
-    Setting("listen", _listen, ("127.0.0.1", 9080), "host:port that ``kproxy serve`` listens on.",
-            restart=True),
-    Setting("admin_prefix", _admin_prefix, "/-/",
-            "Path under which healthz, readyz, metrics and discovery are served."),
-    Setting("admin_allow", _networks, _networks("127.0.0.0/8 ::1"),
-            "Client networks that may read metrics and the discovery dump."),
-    Setting("trusted_proxies", _networks, (),
-            "Proxies in front of kproxy whose X-Forwarded-* headers are believed (see "
-            "kproxy/client.py). Empty: none; the client is the TCP peer."),
-    Setting("connect_timeout", _seconds, 3.0, "Seconds to connect to an upstream node."),
-    Setting("read_timeout", _seconds, 60.0,
-            "Seconds an upstream has to send its whole response head once the request is sent, "
-            "and then each wait for body bytes (else 504)."),
-    Setting("upstream_keepalive_timeout", _seconds, 1.5,
-            "Seconds an idle pooled connection to a node may still be reused; older ones are closed. "
-            "Below the keep-alive of common servers (gunicorn 2 s, Node.js and uvicorn 5 s), so a node "
-            "never closes a connection just as kproxy reuses it."),
-    Setting("threads", _count(1, 1024), 8,
-            "Request threads of ``kproxy serve`` and of each gunicorn worker; also the size of "
-            "each upstream connection pool.", restart=True),
-    Setting("workers", _count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py).",
-            restart=True),
-    Setting("keepalive_timeout", _seconds, 5.0,
-            "Seconds an idle client keep-alive connection is kept open.", restart=True),
-    Setting("client_header_timeout", _seconds, 10.0,
-            "Seconds a client has to send a whole request head once it started (else 408): "
-            "a slow client cannot hold a thread for longer.", restart=True),
-    Setting("client_body_timeout", _seconds, 30.0,
-            "Seconds each read of a request body may wait for the client.", restart=True),
-    Setting("client_send_timeout", _seconds, 30.0,
-            "Seconds each write of an answer may wait for a client that does not read.", restart=True),
-    Setting("max_body_size", _size, 0,
-            "Largest request body accepted, in bytes (``10m``, ``512k`` also work); larger ones get "
-            "413. ``0``: no limit."),
-    Setting("node_cooldown", _seconds, 10.0,
-            "Seconds a node that refused a connection or timed out is skipped."),
-    Setting("access_log", _boolean, True, "Log one line per request to stdout.", restart=True),
-    Setting("access_log_format", _choice("text", "json"), "text", "``text`` or ``json`` lines.",
-            restart=True),
-)
-
-REGISTRY = (
-    Setting("type", _choice("kubernetes"), REQUIRED, "Registry type; ``kubernetes``."),
-    Setting("api_server", _url, None,
-            "API server URL. Empty: in-cluster configuration (or ``kubeconfig``)."),
-    Setting("token", _bearer_token, None, "Bearer token. Prefer ``token_file``.", secret=True),
-    Setting("token_file", _text, None,
-            "File holding the bearer token; re-read on every reconnect and after a 401. A changed "
-            "file (its inode, size, times or resolved path, so a projected volume's ``..data`` "
-            "link swap counts) is noticed within a quarter second and ends any backoff at once."),
-    Setting("ca_file", _text, None, "CA bundle that verifies the API server's certificate."),
-    Setting("insecure_skip_tls_verify", _boolean, False, "Do not verify the API server's TLS certificate."),
-    Setting("kubeconfig", _text, None, "A kubeconfig file, instead of ``api_server``/token/CA."),
-    Setting("context", _text, None, "Context to use from ``kubeconfig``."),
-    Setting("namespace_pattern", _regex, None,
-            "Regex a namespace's WHOLE name must match to be watched. A plain name watches "
-            "only that namespace. Empty: all namespaces."),
-    Setting("label_selector", _label_selector, None, "Kubernetes label selector, applied by the server."),
-    Setting("resource", _choice("endpointslices", "endpoints"), "endpointslices",
-            "Watch EndpointSlices (falls back to Endpoints where not served) or Endpoints."),
-    Setting("enabled", _boolean, True, "false: every upstream using this registry answers 503."),
-)
-
-SERVICE = (
-    Setting("host", _host, "", "Exact host or ``*.example.org`` (one label). Empty: any host."),
-    Setting("path_prefix", _path_prefix, "", "Path prefix of every api of the service, e.g. /v1."),
-    Setting("nodes", _nodes, None, "Static upstream: ``host:port [weight=N] ...``."),
-    Setting("registry", _text, None, "Discovery upstream: the ``[registry:NAME]`` to use ..."),
-    Setting("namespace", _text, None, "... the Kubernetes namespace ..."),
-    Setting("service_name", _text, None, "... the Kubernetes Service name ..."),
-    Setting("port", _port, None, "... and the Service port (spec.ports[].port) or its name."),
-    Setting("scheme", _choice("http", "https"), "http", "Scheme used to reach the nodes."),
-    Setting("ca_file", _text, None, "CA bundle that verifies https nodes (default: system CAs)."),
-    Setting("insecure_skip_tls_verify", _boolean, False, "Do not verify https nodes."),
-    Setting("pass_host", _choice("pass", "node", "rewrite"), "pass",
-            "Host header sent upstream: the client's (pass), the node's address (node), "
-            "or ``upstream_host`` (rewrite)."),
-    Setting("upstream_host", _text, None, "Host header for ``pass_host = rewrite``."),
-    Setting("retries", _count(0, 100), None,
-            "How many other nodes to try after a failure. Default: number of nodes - 1."),
-)
-
-API = (
-    Setting("service", _text, REQUIRED, "The ``[service:NAME]`` this api belongs to."),
-    Setting("path", _path, REQUIRED, "Path after the service's path_prefix, e.g. /anything."),
-    Setting("match", _choice("prefix", "exact"), "prefix",
-            "``prefix`` matches whole path segments below ``path``; ``exact`` only ``path``."),
-    Setting("strip_prefix", _boolean, False, "Remove the service's path_prefix before forwarding."),
-    Setting("methods", _methods, None, "``*`` or a list such as ``GET POST`` (GET allows HEAD)."),
-)
-
-
-# -- the typed result --
+# -- the settings: each section's dataclass, one field per key --
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    listen: tuple[str, int]
-    admin_prefix: str
-    admin_allow: tuple[Any, ...]
-    trusted_proxies: tuple[Any, ...]
-    connect_timeout: float
-    read_timeout: float
-    upstream_keepalive_timeout: float
-    threads: int
-    workers: int
-    keepalive_timeout: float
-    client_header_timeout: float
-    client_body_timeout: float
-    client_send_timeout: float
-    max_body_size: int
-    node_cooldown: float
-    access_log: bool
-    access_log_format: str
+    listen: tuple[str, int] = setting(_listen, ("127.0.0.1", 9080), "host:port that ``kproxy serve`` listens on.",
+                                      restart=True)
+    admin_prefix: str = setting(_admin_prefix, "/-/",
+                                "Path under which healthz, readyz, metrics and discovery are served.")
+    admin_allow: tuple[Any, ...] = setting(_networks, _networks("127.0.0.0/8 ::1"),
+                                           "Client networks that may read metrics and the discovery dump.")
+    trusted_proxies: tuple[Any, ...] = setting(_networks, (),
+                                               "Proxies in front of kproxy whose X-Forwarded-* headers are believed (see "
+                                               "kproxy/client.py). Empty: none; the client is the TCP peer.")
+    connect_timeout: float = setting(_seconds, 3.0, "Seconds to connect to an upstream node.")
+    read_timeout: float = setting(_seconds, 60.0,
+                                  "Seconds an upstream has to send its whole response head once the request is sent, "
+                                  "and then each wait for body bytes (else 504).")
+    upstream_keepalive_timeout: float = setting(_seconds, 1.5,
+                                                "Seconds an idle pooled connection to a node may still be reused; older ones are closed. "
+                                                "Below the keep-alive of common servers (gunicorn 2 s, Node.js and uvicorn 5 s), so a node "
+                                                "never closes a connection just as kproxy reuses it.")
+    threads: int = setting(_count(1, 1024), 1024,
+                           "Most request threads of ``kproxy serve`` and of each gunicorn worker, made as "
+                           "requests come (an idle worker has few): one per request in progress, waiting "
+                           "for its upstream or relaying a stream. Also the idle connections kept per "
+                           "upstream node. See docs/performance.rst for the cost of each.", restart=True)
+    workers: int = setting(_count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py).",
+                           restart=True)
+    keepalive_timeout: float = setting(_seconds, 5.0,
+                                       "Seconds an idle client keep-alive connection is kept open.", restart=True)
+    client_header_timeout: float = setting(_seconds, 10.0,
+                                           "Seconds a client has to send a whole request head once it started (else 408): "
+                                           "a slow client cannot hold a thread for longer.", restart=True)
+    client_body_timeout: float = setting(_seconds, 30.0,
+                                         "Seconds each read of a request body may wait for the client.", restart=True)
+    client_send_timeout: float = setting(_seconds, 30.0,
+                                         "Seconds each write of an answer may wait for a client that does not read.", restart=True)
+    max_body_size: int = setting(_size, 0,
+                                 "Largest request body accepted, in bytes (``10m``, ``512k`` also work); larger ones get "
+                                 "413. ``0``: no limit.")
+    zone: str | None = setting(_label_value, None,
+                               "This gateway's zone (``topology.kubernetes.io/zone`` of its node), for "
+                               "``topology``. Default: ``$KPROXY_ZONE``; empty: unknown, zones are not "
+                               "preferred. ``$KPROXY_NODE_NAME`` names its node, for ``PreferSameNode``.")
+    node_cooldown: float = setting(_seconds, 10.0,
+                                   "Seconds a node that refused a connection or timed out is skipped.")
+    tunnel_idle_timeout: float = setting(_seconds, 300.0,
+                                         "Seconds an Upgrade tunnel (WebSocket) may pass no byte either way before it is closed.")
+    access_log: bool = setting(_boolean, True, "Log one line per request to stdout.", restart=True)
+    access_log_format: str = setting(_choice("text", "json"), "text", "``text`` or ``json`` lines.",
+                                     restart=True)
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    name: str
-    type: str
-    api_server: str | None
-    token: str | None = field(repr=False)
-    token_file: str | None
-    ca_file: str | None
-    insecure_skip_tls_verify: bool
-    kubeconfig: str | None
-    context: str | None
-    namespace_pattern: re.Pattern[str] | None
-    label_selector: str | None
-    resource: str
-    enabled: bool
+    name: str  # the NAME of its section
+    type: str = setting(_choice("kubernetes"), REQUIRED, "Registry type; ``kubernetes``.")
+    api_server: str | None = setting(_url, None,
+                                     "API server URL. Empty: in-cluster configuration (or ``kubeconfig``).")
+    token: str | None = setting(_bearer_token, None, "Bearer token. Prefer ``token_file``.", secret=True)
+    token_file: str | None = setting(_text, None,
+                                     "File holding the bearer token; re-read on every reconnect and after a 401. A changed "
+                                     "file (its inode, size, times or resolved path, so a projected volume's ``..data`` "
+                                     "link swap counts) is noticed within a quarter second and ends any backoff at once.")
+    ca_file: str | None = setting(_text, None, "CA bundle that verifies the API server's certificate.")
+    insecure_skip_tls_verify: bool = setting(_boolean, False, "Do not verify the API server's TLS certificate.")
+    kubeconfig: str | None = setting(_text, None, "A kubeconfig file, instead of ``api_server``/token/CA.")
+    context: str | None = setting(_text, None, "Context to use from ``kubeconfig``.")
+    namespace_pattern: re.Pattern[str] | None = setting(_regex, None,
+                                                        "Regex a namespace's WHOLE name must match to be watched. A plain name watches "
+                                                        "only that namespace. Empty: all namespaces.")
+    label_selector: str | None = setting(_label_selector, None, "Kubernetes label selector, applied by the server.")
+    resource: str = setting(_choice("endpointslices", "endpoints"), "endpointslices",
+                            "Watch EndpointSlices (falls back to Endpoints where not served) or Endpoints.")
+    enabled: bool = setting(_boolean, True, "false: every upstream using this registry answers 503.")
 
     @property
     def single_namespace(self) -> str | None:
@@ -382,30 +361,57 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    name: str
-    host: str
-    path_prefix: str
-    nodes: tuple[Node, ...] | None
-    registry: str | None
-    namespace: str | None
-    service_name: str | None
-    port: str | None
-    scheme: str
-    ca_file: str | None
-    insecure_skip_tls_verify: bool
-    pass_host: str
-    upstream_host: str | None
-    retries: int | None
+    name: str  # the NAME of its section
+    host: str = setting(_host, "", "Exact host or ``*.example.org`` (one label). Empty: any host.")
+    path_prefix: str = setting(_path_prefix, "", "Path prefix of every api of the service, e.g. /v1.")
+    nodes: tuple[Node, ...] | None = setting(_nodes, None, "Static upstream: ``host:port [weight=N] ...``.")
+    registry: str | None = setting(_text, None, "Discovery upstream: the ``[registry:NAME]`` to use ...")
+    namespace: str | None = setting(_text, None, "... the Kubernetes namespace ...")
+    service_name: str | None = setting(_text, None, "... the Kubernetes Service name ...")
+    port: str | None = setting(_port, None, "... and the Service port (spec.ports[].port) or its name.")
+    scheme: str = setting(_choice("http", "https"), "http", "Scheme used to reach the nodes.")
+    ca_file: str | None = setting(_text, None, "CA bundle that verifies https nodes (default: system CAs).")
+    insecure_skip_tls_verify: bool = setting(_boolean, False, "Do not verify https nodes.")
+    pass_host: str = setting(_choice("pass", "node", "rewrite"), "pass",
+                             "Host header sent upstream: the client's (pass), the node's address (node), "
+                             "or ``upstream_host`` (rewrite).")
+    upstream_host: str | None = setting(_text, None, "Host header for ``pass_host = rewrite``.")
+    retries: int | None = setting(_count(0, 100), None,
+                                  "How many other nodes to try after a failure. Default: number of nodes - 1.")
+    topology: str = setting(_choice("auto", "prefer-zone", "off"), "auto",
+                            "Which nodes to prefer by zone. ``auto``: as the cluster says (EndpointSlice "
+                            "hints for this gateway's zone or node; without hints, a Service's "
+                            "``trafficDistribution`` PreferClose/PreferSameZone/PreferSameNode: the same "
+                            "node or zone). ``prefer-zone``: always the ready nodes in ``zone``. ``off``: "
+                            "ignore zones. When no preferred node is ready, all ready nodes serve.")
+    slow_start: float = setting(_seconds, 0.0,
+                                "Seconds over which a node that joins after the first sync, or returns from "
+                                "ejection or a failed health check, ramps from 10% to its full weight. 0: off.")
+    health_check_path: str | None = setting(_path, None,
+                                            "Active health checks when set: ``GET`` this path on every node "
+                                            "(2xx/3xx = healthy), from each worker.")
+    health_check_interval: float = setting(_positive_seconds, 5.0, "Seconds between checks of each node.")
+    health_check_timeout: float = setting(_positive_seconds, 2.0,
+                                          "Seconds for a check's answer head; no answer in time = failed.")
+    healthy_threshold: int = setting(_count(1, 100), 2, "Passed checks in a row that return a node to rotation.")
+    unhealthy_threshold: int = setting(_count(1, 100), 3, "Failed checks in a row that take a node out.")
 
 
 @dataclass(frozen=True)
 class ApiConfig:
-    name: str
-    service: str
-    path: str
-    match: str
-    strip_prefix: bool
-    methods: frozenset[str] | None
+    name: str  # the NAME of its section
+    service: str = setting(_text, REQUIRED, "The ``[service:NAME]`` this api belongs to.")
+    path: str = setting(_path, REQUIRED, "Path after the service's path_prefix, e.g. /anything.")
+    match: str = setting(_choice("prefix", "exact"), "prefix",
+                         "``prefix`` matches whole path segments below ``path``; ``exact`` only ``path``.")
+    strip_prefix: bool = setting(_boolean, False, "Remove the service's path_prefix before forwarding.")
+    methods: frozenset[str] | None = setting(_methods, None, "``*`` or a list such as ``GET POST`` (GET allows HEAD).")
+
+
+GATEWAY = settings_of(GatewayConfig)
+REGISTRY = settings_of(RegistryConfig)
+SERVICE = settings_of(ServiceConfig)
+API = settings_of(ApiConfig)
 
 
 @dataclass(frozen=True)
@@ -512,6 +518,11 @@ def parse(text: str, path: str = "<string>") -> Config:
     _check_registries(path, registries, problems, warnings)
     _check_services(path, services, registries, problems, warnings)
     _check_apis(path, apis, services, problems)
+    if gateway.zone is None and os.environ.get("KPROXY_ZONE"):
+        try:
+            gateway = replace(gateway, zone=_label_value(os.environ["KPROXY_ZONE"]))
+        except ValueError as e:
+            problems.append(Problem(path, "kproxy", "zone", f"$KPROXY_ZONE {e}"))
     if problems:
         raise ConfigError(problems)
     return Config(path, gateway, registries, services, apis, tuple(warnings))
@@ -682,6 +693,9 @@ def _check_services(path: str, services: dict[str, ServiceConfig], registries: d
                     problems.append(Problem(path, section, key, "only used with registry"))
         if s.pass_host == "rewrite" and not s.upstream_host:
             problems.append(Problem(path, section, "upstream_host", "required with pass_host = rewrite"))
+        if s.health_check_timeout >= s.health_check_interval and s.health_check_path:
+            problems.append(Problem(path, section, "health_check_timeout", "must be less than "
+                                    "health_check_interval"))
         if s.ca_file and s.insecure_skip_tls_verify:
             problems.append(Problem(path, section, "insecure_skip_tls_verify",
                                     "set ca_file or insecure_skip_tls_verify, not both"))
@@ -738,12 +752,6 @@ def _show_default(setting: Setting) -> str:
     if isinstance(value, float) and value.is_integer():
         return f"``{int(value)}``"
     return f"``{value}``"
-
-
-def _declared_fields_match() -> bool:  # used by the tests: tables and dataclasses agree
-    pairs = ((GATEWAY, GatewayConfig, set()), (REGISTRY, RegistryConfig, {"name"}),
-             (SERVICE, ServiceConfig, {"name"}), (API, ApiConfig, {"name"}))
-    return all({s.key for s in table} | extra == {f.name for f in fields(cls)} for table, cls, extra in pairs)
 
 
 if __name__ == "__main__":  # python -m kproxy.config: the reference section of README.rst

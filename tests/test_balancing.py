@@ -2,7 +2,7 @@
 tiers from zones, EndpointSlice hints and trafficDistribution; slow start; active health
 checks. Policy on injected clocks, checks against real HTTP servers on 127.0.0.1. The
 Kubernetes side (v1beta1 topology read from a real API server; hints, v1 zone and
-trafficDistribution from recorded v1 objects) is in test_topology_discovery.py."""
+trafficDistribution from recorded v1 objects) is in test_balancing_cluster.py."""
 
 from __future__ import annotations
 
