@@ -46,7 +46,7 @@ Targets (exit 1 if one is missed; 2 if the soak could not be set up):
   upstream connections at END <= START + 2; pooled upstream connections <= threads x nodes
   (the pool bound: they come and go with load, they do not accumulate);
 - threads of each worker: peak <= ``threads`` + 8 (the request pool, the main thread, the
-  discovery informers);
+  discovery reflectors);
 - no worker restarted, no traceback in kproxy's log, no upstream error or 5xx answer in
   its metrics.
 
@@ -95,7 +95,7 @@ LARGE = 512 * KiB
 
 RSS_GROWTH_LIMIT = 0.10     # END RSS under START + 10 %
 FD_MARGIN = 2               # non-pooled descriptors may differ by this much
-THREAD_SLACK = 8            # threads beyond the request pool: main thread, informers, ...
+THREAD_SLACK = 8            # threads beyond the request pool: main thread, reflectors, ...
 
 # -- the payload: the same deterministic bytes in the clients and the upstreams --
 

@@ -38,7 +38,7 @@ path = /
     return text
 
 
-def endpoints_informer(gw) -> dict:
+def endpoints_reflector(gw) -> dict:
     return session().get(gw.url + "/-/discovery", timeout=5).json()["registries"]["k"]["informers"]["endpoints"]
 
 
@@ -61,7 +61,7 @@ def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, na
         wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
         traffic = Traffic(gw.url)
         wait_until(lambda: len(traffic.answers) > 20)
-        listed = [endpoints_informer(gw) for _ in range(6)]  # new connections: both workers answer
+        listed = [endpoints_reflector(gw) for _ in range(6)]  # new connections: both workers answer
         assert {i["lists"] for i in listed} == {1}
 
         # same registry settings, new routes: cache and watch stay
@@ -69,8 +69,8 @@ def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, na
         gw.signal(signal.SIGHUP)
         wait_until(lambda: session().get(gw.url + "/", headers={"Host": "extra.test"}, timeout=5).status_code == 502)
         for _ in range(6):
-            informer = endpoints_informer(gw)
-            assert informer["lists"] == 1 and informer["watch_restarts"] == 0, informer
+            reflector = endpoints_reflector(gw)
+            assert reflector["lists"] == 1 and reflector["watch_restarts"] == 0, reflector
 
         # a changed registry (label selector) is started and listed before it serves
         mark = len(traffic.answers)
