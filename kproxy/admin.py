@@ -7,6 +7,8 @@ path           answer                                                      who m
 ``readyz``     200 once every enabled registry has listed, else 503        anyone (probes)
 ``metrics``    Prometheus text exposition                                  ``admin_allow``
 ``discovery``  JSON: every registry's state and endpoints, no secrets      ``admin_allow``
+``status``     JSON: what the dashboard shows (kproxy.status, README.rst)  ``admin_allow``
+(the root)     the dashboard: an HTML page polling ``status``              ``admin_allow``
 =============  ==========================================================  ===============
 
 The client is the TCP peer, never a forwarded header any client can write; only behind
@@ -16,29 +18,35 @@ The client is the TCP peer, never a forwarded header any client can write; only 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from . import metrics
+from . import metrics, status
 from .client import Network, address_in
 from .discovery import Registry, all_ready
 
 if TYPE_CHECKING:
-    from .config import RegistryConfig
+    from .config import Config, RegistryConfig
     from .record import RequestRecord
+    from .upstream import Upstream
 
-Answer = tuple[int, bytes, str]
+Answer = tuple[int, bytes, str] | tuple[int, bytes, str, list[tuple[str, str]]]
 JSON = "application/json"
 
 
 class Admin:
     """The admin endpoints of one loaded config: who may read them (``allow``), and the
-    registries they report on (``configs`` names every one, ``registries`` those running)."""
+    registries they report on (``configs`` names every one, ``registries`` those running);
+    for the dashboard, the config and its upstreams."""
 
     def __init__(self, allow: Sequence[Network], configs: Mapping[str, RegistryConfig],
-                 registries: Mapping[str, Registry]):
+                 registries: Mapping[str, Registry], config: Config, upstreams: Mapping[str, Upstream]):
         self.allow = allow
         self.configs = configs
         self.registries = registries
+        self.config = config
+        self.upstreams = upstreams
+        self.loaded = time.time()
 
     def handle(self, environ: dict, name: str, record: RequestRecord) -> Answer | None:
         """The answer for admin path ``name``, or None if it is not an admin path."""
@@ -50,15 +58,23 @@ class Admin:
             body = {"status": "ready" if ready else "not ready",
                     "registries": {n: r.ready for n, r in self.registries.items()}}
             return (200 if ready else 503), _json(body), JSON
-        if name not in ("metrics", "discovery"):
+        if name not in ("metrics", "discovery", "status") and name not in status.STATIC:
             record.service = record.api = "-"
             return None
         if not address_in(record.client, self.allow):
-            return 403, _json({"error": "forbidden", "message": f"{name} is served to admin_allow only"}), JSON
+            what = name or "the dashboard"
+            return 403, _json({"error": "forbidden", "message": f"{what} is served to admin_allow only"}), JSON
         if name == "metrics":
             body, content_type = metrics.exposition(self.registries)
             return 200, body, content_type
-        return 200, _json(self.discovery()), JSON
+        if name == "discovery":
+            return 200, _json(self.discovery()), JSON
+        if name == "status":
+            document = status.status(self.config, self.upstreams, self.registries, self.configs, self.loaded,
+                                     environ.get("SERVER_SOFTWARE"))
+            return 200, _json(document), JSON, [("Cache-Control", "no-store")]
+        body, content_type = status.static_file(name)  # type: ignore[misc]
+        return 200, body, content_type, status.HEADERS
 
     def discovery(self) -> dict:
         out = {}

@@ -28,6 +28,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from . import accesslog, metrics
 from .admin import Admin
+from .status import record_reload
 from . import config as configmod
 from .config import Config, RegistryConfig, ServiceConfig
 from .record import RequestRecord
@@ -84,7 +85,7 @@ class ActiveConfig:
                                  service.path_prefix if api.strip_prefix else "")
             self.router.add(service.host, service.path_prefix + api.path, api.match, api.methods, target)
         self.router.build()
-        self.admin = Admin(config.gateway.admin_allow, config.registries, registries)
+        self.admin = Admin(config.gateway.admin_allow, config.registries, registries, config, upstreams)
 
     def _upstream(self, service: ServiceConfig) -> Upstream:
         if service.nodes is not None:
@@ -200,6 +201,7 @@ class Gateway:
         for name, registry in old.registries.items():
             if registries.get(name) is not registry:
                 registry.stop()
+        record_reload(config.path)  # for the dashboard
         log.info("reloaded %s: %d services, %d apis, %d new registries", config.path,
                  len(config.services), len(config.apis), len(fresh))
 
