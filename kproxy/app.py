@@ -208,9 +208,6 @@ class Gateway:
     def _create_registry(self, registry_config: RegistryConfig) -> Registry:
         if self._registry_factory is not None:
             return self._registry_factory(registry_config)
-        from .discovery import shared
-        if shared.enabled():  # a gunicorn master with workers > 1: one discovery process for all
-            return shared.SharedRegistry(registry_config)
         return create_registry(registry_config)
 
     @property
