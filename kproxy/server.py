@@ -18,7 +18,9 @@ is the same server with the same hooks, so both behave alike:
   keep their cache and watch, requests in flight finish. A file that fails ``kproxy
   check`` is refused with its problems logged, and the running config stays. A changed
   setting that only a restart applies (``restart`` in kproxy/config.py) is logged by name;
-- ``child_exit``: a dead worker's live gauges are dropped.
+- ``child_exit``: a dead worker's live gauges are dropped;
+- ``on_starting``: with ``workers > 1``, the workers share one discovery process
+  (``kproxy.discovery.shared``) instead of watching the API server each.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ def configure_logging() -> None:
 def on_starting(server: Any) -> None:
     prepare_metrics_dir()
     configure_logging()
+    from .discovery import shared
+    shared.prepare(server.cfg.workers)  # workers > 1: one discovery process feeds them all
 
 
 def when_ready(server: Any) -> None:
@@ -187,6 +191,8 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
     if _handoff_dir:
         shutil.rmtree(_handoff_dir, ignore_errors=True)
+    from .discovery import shared
+    shared.cleanup()
 
 
 def _gateway(app: Any) -> Any:

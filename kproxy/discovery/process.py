@@ -1,0 +1,308 @@
+"""The pod's discovery process: one ``KubernetesRegistry`` per registry config, for every
+gunicorn worker (``kproxy.discovery.shared`` explains the layout and the channel)::
+
+    python -m kproxy.discovery.process --dir DIR --master PID [--lock-fd FD]
+
+A worker starts it (``SharedRegistry._elect``) and hands it ``DIR/lock``, locked; it
+serves ``DIR/socket`` until the master ``PID`` exits or the directory is removed. A
+registry runs while a worker subscribes to it, and ``GRACE`` seconds after the last one
+left, so a restarting worker, or a reload that keeps the registry, finds its cache and
+watches still there, and a reload that changed it lets the old one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from .endpoints import ServiceKey, ServiceView
+from .kubernetes import KubernetesRegistry
+from .shared import LOCK, SOCKET, config_from_fields, encode_view, frame, read_frame, record, registry_key, send_frame
+
+log = logging.getLogger("kproxy.discovery")
+
+GRACE = 10.0          # seconds a registry outlives its last subscriber
+TICK = 0.05           # seconds between readiness checks when nothing changes
+BACKLOG_LIMIT = 256 << 20  # bytes queued for a worker that does not read: it is cut off
+
+
+class Subscriber:
+    """One worker's connection to one registry; frames go out on its own thread, so a
+    worker that stops reading never holds up the others or the reflectors."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._write, name="kproxy-discovery-writer", daemon=True).start()
+
+    def send(self, payload: bytes) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._queued += len(payload)
+            if self._queued > BACKLOG_LIMIT:
+                log.warning("a worker reads no frames (%d bytes queued): disconnecting it", self._queued)
+                self.close()
+                return
+        self._queue.put(payload)
+
+    def _write(self) -> None:
+        while True:
+            payload = self._queue.get()
+            if payload is None:
+                return
+            with self._lock:
+                self._queued -= len(payload)
+            try:
+                send_frame(self.sock, payload)
+            except OSError:
+                self.close()
+                return
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put(None)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Channel:
+    """One registry and the workers that follow it: the full snapshot to each new one once
+    the registry has listed, then every change as the Services it touched."""
+
+    def __init__(self, key: tuple[str, str], registry: KubernetesRegistry):
+        self.key = key
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._published: dict[ServiceKey, ServiceView] = {}
+        self._records: dict[ServiceKey, bytes] = {}
+        self._version = 0
+        self._followers: set[Subscriber] = set()
+        self._waiting: set[Subscriber] = set()  # given the full snapshot once the registry is ready
+        self.idle_since: float | None = time.monotonic()
+        self._stopped = threading.Event()
+        registry.add_listener(self._wake.set)
+
+    def start(self) -> None:
+        self.registry.start()
+        threading.Thread(target=self._publish_loop, name=f"kproxy-{self.key[0]}-publish", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self.registry.stop()
+        with self._lock:
+            for subscriber in self._followers | self._waiting:
+                subscriber.close()
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._waiting.add(subscriber)
+            self.idle_since = None
+        self._wake.set()
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._followers.discard(subscriber)
+            self._waiting.discard(subscriber)
+            if not self._followers and not self._waiting:
+                self.idle_since = time.monotonic()
+
+    def _publish_loop(self) -> None:
+        # one thread publishes: a burst of events costs one pass over the snapshot
+        while not self._stopped.is_set():
+            self._wake.wait(TICK)
+            self._wake.clear()
+            try:
+                self._publish()
+            except Exception:
+                log.exception("registry %s: publishing failed", self.key[0])
+
+    def _publish(self) -> None:
+        with self._lock:
+            if not self.registry.ready:
+                return  # before the first full list there is nothing a worker may route by
+            current = self.registry.snapshot()
+            if current is not self._published:
+                previous, changed = self._published, []
+                for key, view in current.items():
+                    if previous.get(key) is not view:  # the registry keeps unchanged views
+                        self._records[key] = line = record(key, encode_view(view))
+                        changed.append(line)
+                for key in previous.keys() - current.keys():
+                    del self._records[key]
+                    changed.append(record(key, b""))
+                self._published = current
+                if changed:
+                    self._version += 1
+                    delta = frame("delta", self._version, changed)
+                    for subscriber in self._followers:
+                        subscriber.send(delta)
+            if self._waiting:
+                full = frame("full", self._version, self._records.values())
+                for subscriber in self._waiting:
+                    subscriber.send(full)
+                self._followers |= self._waiting
+                self._waiting.clear()
+
+
+class Hub:
+    """The channels by (name, config hash), and the socket workers reach them on."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, SOCKET)
+        self._channels: dict[tuple[str, str], Channel] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, listener: socket.socket, master_fd: int, identity: int) -> None:
+        """Until the master exits or the socket file ``identity`` (its inode) is gone."""
+        while True:
+            readable, _, _ = select.select([listener, master_fd], [], [], 1.0)
+            if master_fd in readable:
+                log.info("discovery process: the gunicorn master is gone; exiting")
+                return
+            if listener in readable:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=self._handle, args=(conn,), name="kproxy-discovery-conn",
+                                 daemon=True).start()
+            try:
+                if os.stat(self.path).st_ino != identity:
+                    raise FileNotFoundError
+            except FileNotFoundError:
+                log.info("discovery process: %s was removed; exiting", self.path)
+                return
+            self._stop_idle()
+
+    def _stop_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [c for c in self._channels.values() if c.idle_since is not None and now - c.idle_since > GRACE]
+            for channel in idle:
+                del self._channels[channel.key]
+        for channel in idle:
+            log.info("registry %s: no worker follows it any more; stopping its watches", channel.key[0])
+            threading.Thread(target=channel.stop, daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            reader = conn.makefile("rb")
+            payload = read_frame(reader)
+            if payload is None:
+                return
+            request = json.loads(payload)
+            key = (request["name"], request["hash"])
+            if request["op"] == "subscribe":
+                self._follow(conn, reader, key, request["config"])
+                return
+            with self._lock:
+                channel = self._channels.get(key)
+            if channel is None:
+                answer: Any = {"error": f"registry {key[0]} is not running here"}
+            elif request["op"] == "dump":
+                answer = channel.registry.dump()
+            elif request["op"] == "stats":
+                answer = dataclasses.asdict(channel.registry.stats())
+            else:
+                answer = {"error": f"unknown op {request['op']!r}"}
+            send_frame(conn, json.dumps(answer, default=str).encode())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("discovery process: a request failed: %s", e)
+        finally:
+            conn.close()
+
+    def _follow(self, conn: socket.socket, reader: Any, key: tuple[str, str], fields: dict[str, Any]) -> None:
+        config = config_from_fields(fields)
+        if registry_key(config) != key:
+            raise ValueError(f"registry {key[0]}: the config does not match its hash")
+        with self._lock:
+            channel = self._channels.get(key)
+            if channel is None:
+                log.info("registry %s: starting its watches for the workers (config %s)", key[0], key[1][:12])
+                channel = self._channels[key] = Channel(key, KubernetesRegistry(config))
+                channel.start()
+            subscriber = Subscriber(conn)
+            channel.subscribe(subscriber)
+        try:
+            while reader.read(4096):  # workers send nothing more: this waits for them to leave
+                pass
+        except OSError:
+            pass
+        finally:
+            channel.unsubscribe(subscriber)
+            subscriber.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kproxy.discovery.process")
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--master", type=int, required=True)
+    parser.add_argument("--lock-fd", type=int)
+    args = parser.parse_args(argv)
+    # started from a worker thread that holds SIGHUP back: take every signal again; a HUP
+    # or Ctrl-C meant for the master's process group is not for this process
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    from ..memory import trim_periodically
+    from ..server import configure_logging
+    configure_logging()
+    trim_periodically()  # as in the workers: a relist's parse leaves freed memory behind
+
+    lock_fd = args.lock_fd if args.lock_fd is not None else os.open(os.path.join(args.dir, LOCK),
+                                                                    os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already when handed over
+    except BlockingIOError:
+        return 0  # another discovery process serves this pod
+    try:
+        master_fd = os.pidfd_open(args.master)
+    except ProcessLookupError:
+        return 0
+    path = os.path.join(args.dir, SOCKET)
+    try:
+        os.unlink(path)  # a dead predecessor's; we hold the lock
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    identity = os.stat(path).st_ino
+    log.info("discovery process %d serves the workers of master %d on %s", os.getpid(), args.master, path)
+    hub = Hub(args.dir)
+    try:
+        hub.serve(listener, master_fd, identity)
+    finally:
+        try:
+            if os.stat(path).st_ino == identity:  # still ours: no successor bound it
+                os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Shared discovery: one set of watches per pod, however many gunicorn workers it runs.
+
+With ``workers > 1`` (``kproxy serve`` and ``conf/gunicorn.conf.py``), the gunicorn master
+makes a private directory (0700) and names it in ``$KPROXY_DISCOVERY_DIR`` before it forks
+any worker (``prepare``). Each worker's registry is then a ``SharedRegistry``: it holds no
+watch, it follows the pod's discovery process (``kproxy.discovery.process``), which runs
+one ``KubernetesRegistry`` per registry config for all workers::
+
+    gunicorn master ── worker ── worker ── worker ── worker
+                          │        │         │         │     Unix socket DIR/socket
+                          └────────┴── discovery process ──── watches ── API server
+
+The channel, per registry and worker: one Unix stream socket. The worker subscribes with
+the registry's name, the hash of its config (``registry_key``) and the config itself (it
+holds the token: it is never logged); the discovery process answers with the full
+snapshot once its registry has listed, then with the Services that changed (``frame``).
+
+Election: the discovery process holds an ``flock`` on ``DIR/lock`` for its life. A worker
+that cannot connect takes that lock (without waiting) and, if it got it, starts a new
+discovery process and hands it the locked file, so two workers never start two. The new
+process lives in the master's process group, exits when the master does (it watches the
+master's pid through a pidfd), and outlives any worker.
+
+While disconnected, a worker routes by its last snapshot; it is replaced only by a new full
+snapshot, which a new discovery process sends only after its first full list: never an
+empty one in between. ``/-/discovery`` and the discovery metrics come from the discovery
+process (asked on demand), so every worker answers the same.
+
+Memory: a worker keeps each Service as the bytes it received (a few hundred bytes for ten
+addresses) and builds its ``ServiceView`` the first time a request asks for that Service,
+so a worker routing to 3 of 5,000 Services holds 3 views, and the pod holds one cache.
+This module imports neither the Kubernetes client nor the reflector: a worker stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from ..node import Node
+from . import RegistryStats
+from .endpoints import EMPTY, ServiceKey, ServiceView, keep_unchanged
+
+if TYPE_CHECKING:
+    from ..config import RegistryConfig
+
+log = logging.getLogger("kproxy.discovery")
+
+ENV = "KPROXY_DISCOVERY_DIR"      # set by the gunicorn master when workers > 1
+SWITCH = "KPROXY_SHARED_DISCOVERY"  # "off": every worker runs its own watches, as before
+SOCKET, LOCK = "socket", "lock"
+RETRY = 0.25          # seconds between attempts to reach (or start) the discovery process
+REQUEST_TIMEOUT = 5.0  # seconds for a dump or stats answer
+_LENGTH = struct.Struct("!I")
+MAX_FRAME = 1 << 30
+
+
+# -- the master's part --
+
+def prepare(workers: int) -> str | None:
+    """In the gunicorn master, before any fork: the directory workers meet in, or None
+    (one worker, or switched off): discovery then stays in each worker."""
+    os.environ.pop(ENV, None)  # a re-exec'd master (USR2) makes its own
+    if workers <= 1 or os.environ.get(SWITCH, "").lower() in ("off", "0", "false", "no"):
+        return None
+    path = tempfile.mkdtemp(prefix="kproxy-discovery-")  # 0700: subscriptions carry tokens
+    os.environ[ENV] = path
+    return path
+
+
+def cleanup() -> None:
+    """In the gunicorn master, at exit: the discovery process sees its socket go and ends
+    (it also ends when the master's pid does)."""
+    path = os.environ.get(ENV)
+    if path and os.path.basename(path).startswith("kproxy-discovery-"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def enabled() -> bool:
+    """Registries made in this process should follow the discovery process."""
+    return bool(os.environ.get(ENV))
+
+
+# -- the wire --
+
+def config_fields(config: RegistryConfig) -> dict[str, Any]:
+    """A registry config as JSON (the token included: it goes only over the private socket)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = value.pattern if isinstance(value, re.Pattern) else value
+    return out
+
+
+def config_from_fields(fields: Mapping[str, Any]) -> RegistryConfig:
+    from ..config import RegistryConfig
+    values = dict(fields)
+    if values.get("namespace_pattern") is not None:
+        values["namespace_pattern"] = re.compile(values["namespace_pattern"])
+    return RegistryConfig(**values)
+
+
+def registry_key(config: RegistryConfig) -> tuple[str, str]:
+    """(name, hash of every setting): workers with equal settings share one registry."""
+    text = json.dumps(config_fields(config), sort_keys=True, separators=(",", ":"))
+    return config.name, hashlib.sha256(text.encode()).hexdigest()
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes is too large")
+    if len(payload) < 65536:
+        sock.sendall(_LENGTH.pack(len(payload)) + payload)
+    else:  # a full snapshot: no copy of megabytes just to prepend four bytes
+        sock.sendall(_LENGTH.pack(len(payload)))
+        sock.sendall(payload)
+
+
+def read_frame(reader: Any) -> bytes | None:
+    """The next frame from a buffered reader; None at a clean end of stream."""
+    head = reader.read(_LENGTH.size)
+    if not head:
+        return None
+    if len(head) < _LENGTH.size:
+        raise ConnectionError("the stream ended inside a frame")
+    length, = _LENGTH.unpack(head)
+    if length > MAX_FRAME:
+        raise ConnectionError(f"frame of {length} bytes announced")
+    payload = reader.read(length)
+    if len(payload) < length:
+        raise ConnectionError("the stream ended inside a frame")
+    return payload
+
+
+_NODE_FIELDS = dataclasses.fields(Node)
+_NODE_DEFAULTS = [f.default for f in _NODE_FIELDS]
+_RECORD = struct.Struct("!HHI")  # namespace, name and view lengths
+
+
+def _node_values(node: Node) -> tuple[Any, ...]:
+    """A node as its field values, the trailing defaults left out (most nodes: host, port)."""
+    values = [getattr(node, f.name) for f in _NODE_FIELDS]
+    while len(values) > 2 and values[-1] == _NODE_DEFAULTS[len(values) - 1]:
+        values.pop()
+    return tuple(values)
+
+
+def encode_view(view: ServiceView) -> bytes:
+    """A ServiceView as compact bytes: each distinct node list once, ports point into them
+    (230 bytes for ten addresses, against 460 for the objects pickled as they are)."""
+    lists: list[tuple[tuple[Any, ...], ...]] = []
+    index: dict[tuple[Node, ...], int] = {}
+
+    def ref(nodes: tuple[Node, ...]) -> int:
+        if nodes not in index:
+            index[nodes] = len(lists)
+            lists.append(tuple(_node_values(n) for n in nodes))
+        return index[nodes]
+    ports = {port: ref(nodes) for port, nodes in view.ports.items()}
+    any_port = None if view.any_port is None else ref(view.any_port)
+    return pickle.dumps((lists, ports, any_port, view.source, view.service_ports), protocol=5)
+
+
+def decode_view(blob: bytes) -> ServiceView:
+    # only the pod's own discovery process can write to this worker's socket (a 0700
+    # directory of the same user), so its bytes are as trusted as the worker's own code
+    lists, ports, any_port, source, service_ports = pickle.loads(blob)
+    nodes = [tuple(Node(*values) for values in node_list) or EMPTY for node_list in lists]
+    return ServiceView({port: nodes[i] for port, i in ports.items()},
+                       None if any_port is None else nodes[any_port], source, service_ports)
+
+
+def record(key: ServiceKey, blob: bytes) -> bytes:
+    """One Service in a frame; an empty view says it is gone."""
+    namespace, name = key[0].encode(), key[1].encode()
+    return _RECORD.pack(len(namespace), len(name), len(blob)) + namespace + name + blob
+
+
+def records(body: bytes | memoryview) -> Iterator[tuple[ServiceKey, bytes]]:
+    view, offset = memoryview(body), 0
+    while offset < len(view):
+        ns_len, name_len, blob_len = _RECORD.unpack_from(view, offset)
+        offset += _RECORD.size
+        namespace = sys.intern(bytes(view[offset:offset + ns_len]).decode())  # a few, shared
+        name = bytes(view[offset + ns_len:offset + ns_len + name_len]).decode()
+        offset += ns_len + name_len
+        yield (namespace, name), bytes(view[offset:offset + blob_len])
+        offset += blob_len
+    if offset != len(view):
+        raise ValueError("a record runs past the end of its frame")
+
+
+def frame(kind: str, version: int, body: Iterable[bytes]) -> bytes:
+    """A snapshot (``full``) or the Services that changed (``delta``): a JSON line, then the
+    records."""
+    header = json.dumps({"type": kind, "version": version, "pid": os.getpid()}).encode()
+    return b"".join([header, b"\n", *body])
+
+
+# -- the worker's part --
+
+class SharedRegistry:
+    """A registry that follows the pod's discovery process (see the module docstring)."""
+
+    type = "kubernetes"
+
+    def __init__(self, config: RegistryConfig, directory: str | None = None):
+        self.config = config
+        self._dir = directory or os.environ[ENV]
+        self._key = registry_key(config)
+        self._subscription = json.dumps({"op": "subscribe", "name": self._key[0], "hash": self._key[1],
+                                         "config": config_fields(config)}).encode()
+        # the request path reads these two without a lock: both are swapped or set whole
+        self._snapshot: dict[ServiceKey, bytes] = {}
+        self._views: dict[ServiceKey, tuple[bytes, ServiceView]] = {}
+        self._decode_lock = threading.Lock()
+        self._ready = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._child: subprocess.Popen | None = None
+        self._master = os.getppid()
+        self.connected = False
+        self.version = 0            # of the last frame applied
+        self.discovery_pid: int | None = None
+        self.updated: float | None = None
+        self.reconnects = 0
+        self.spawned = 0            # discovery processes this worker started
+        self._last_stats: RegistryStats | None = None
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        if self._thread is not None or not self.config.enabled:
+            return
+        self._master = os.getppid()
+        self._thread = threading.Thread(target=self._run, name=f"kproxy-{self.config.name}-shared", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        sock = self._sock
+        if sock is not None:
+            try:  # wakes the reader thread's recv
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+
+    @property
+    def ready(self) -> bool:
+        """This worker has the first full snapshot (it keeps it while disconnected)."""
+        return self._ready or not self.config.enabled
+
+    # -- the request path --
+
+    def nodes(self, namespace: str, service: str, port: str) -> tuple[Node, ...] | None:
+        key = (namespace, service)
+        blob = self._snapshot.get(key)
+        if blob is None:
+            return None
+        cached = self._views.get(key)
+        view = cached[1] if cached is not None and cached[0] is blob else self._view(key, blob)
+        nodes = view.ports.get(port)
+        if nodes is not None:
+            return nodes
+        if view.any_port is not None and port.isdigit():  # as KubernetesRegistry.nodes
+            return view.any_port
+        return EMPTY
+
+    def _view(self, key: ServiceKey, blob: bytes) -> ServiceView:
+        """The first request for a Service (or for its new version) builds its view; node
+        lists that did not change keep their tuple, which the balancer compares."""
+        with self._decode_lock:
+            cached = self._views.get(key)
+            if cached is not None and cached[0] is blob:
+                return cached[1]
+            view = keep_unchanged(decode_view(blob), cached[1] if cached is not None else None)
+            self._views[key] = (blob, view)
+            return view
+
+    # -- following the discovery process (reader thread) --
+
+    def _run(self) -> None:
+        lost_at: float | None = None
+        while not self._stopping.is_set():
+            sock = self._connect()
+            if sock is None:
+                self._reap()
+                self._elect()
+                self._stopping.wait(RETRY)
+                continue
+            if lost_at is not None:
+                self.reconnects += 1
+                log.info("registry %s: reached the discovery process again after %.1f s", self.config.name,
+                         time.monotonic() - lost_at)
+            try:
+                self._follow(sock)
+            except (OSError, ValueError, KeyError) as e:
+                if not self._stopping.is_set():
+                    log.warning("registry %s: the discovery process connection failed: %s", self.config.name, e)
+            finally:
+                self.connected = False
+                self._sock = None
+                sock.close()
+            if not self._stopping.is_set():
+                lost_at = time.monotonic()
+                log.warning("registry %s: lost the discovery process; routing by the last snapshot "
+                            "(%d services) until a new one has listed", self.config.name, len(self._snapshot))
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.path.join(self._dir, SOCKET))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def _elect(self) -> None:
+        """Start a discovery process if none holds the lock (none runs or is starting)."""
+        if os.getppid() != self._master:  # the master is gone: so is the pod
+            return
+        try:
+            fd = os.open(os.path.join(self._dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:  # the master removed the directory: it is exiting
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            # the child inherits the locked file: the lock passes to it, never released between
+            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", self._dir,
+                       "--master", str(self._master), "--lock-fd", str(fd)]
+            log.info("registry %s: no discovery process answers; starting one", self.config.name)
+            self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+            self.spawned += 1
+        finally:
+            os.close(fd)
+
+    def _reap(self) -> None:
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    def _follow(self, sock: socket.socket) -> None:
+        self._sock = sock
+        if self._stopping.is_set():
+            return
+        send_frame(sock, self._subscription)
+        self.connected = True
+        reader = sock.makefile("rb", buffering=1 << 16)
+        first = True
+        while True:
+            payload = read_frame(reader)
+            if payload is None:
+                return
+            self._apply(payload, first)
+            first = False
+
+    def _apply(self, payload: bytes, first: bool) -> None:
+        header = payload[:payload.index(b"\n")]
+        meta = json.loads(header)
+        full = meta["type"] == "full"
+        if first and not full:
+            raise ValueError("the discovery process sent a change before its snapshot")
+        old = self._snapshot
+        new = {} if full else dict(old)  # copy on write: requests keep the one they hold
+        removed = False
+        for key, blob in records(memoryview(payload)[len(header) + 1:]):
+            if blob:
+                before = old.get(key)
+                new[key] = before if before == blob else blob  # unchanged: the views stay
+            else:
+                removed = new.pop(key, None) is not None or removed
+        self._snapshot = new
+        if full or removed:
+            for key in [k for k in self._views if k not in new]:
+                self._views.pop(key, None)
+        self.version = meta["version"]
+        self.discovery_pid = meta["pid"]
+        self.updated = time.time()
+        if full and not self._ready:
+            self._ready = True
+            log.info("registry %s: %d services from the discovery process (pid %d)", self.config.name,
+                     len(new), meta["pid"])
+
+    # -- reporting: the discovery process's numbers, the same from every worker --
+
+    def _ask(self, op: str) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            sock.connect(os.path.join(self._dir, SOCKET))
+            send_frame(sock, json.dumps({"op": op, "name": self._key[0], "hash": self._key[1]}).encode())
+            payload = read_frame(sock.makefile("rb"))
+        finally:
+            sock.close()
+        if payload is None:
+            raise ConnectionError("no answer")
+        answer = json.loads(payload)
+        if "error" in answer:
+            raise ConnectionError(answer["error"])
+        return answer
+
+    def stats(self) -> RegistryStats:
+        try:
+            stats = RegistryStats(**self._ask("stats"))
+            self._last_stats = stats
+            return stats
+        except (OSError, ValueError, TypeError) as e:
+            log.debug("registry %s: no stats from the discovery process: %s", self.config.name, e)
+        last = self._last_stats or RegistryStats("syncing", False)
+        return dataclasses.replace(last, state="degraded" if self._ready else "error", ready=self.ready)
+
+    def dump(self) -> dict[str, Any]:
+        try:
+            out = self._ask("dump")
+        except (OSError, ValueError) as e:
+            out = self._local_dump(f"the discovery process does not answer: {e}")
+        # "pid" says who answered, as it did when each worker had its own registry; it
+        # and "worker" are the only parts that differ between workers
+        out["discovery_pid"] = out.get("pid")
+        out["pid"] = os.getpid()
+        out["worker"] = {
+            "connected": self.connected, "ready": self.ready, "version": self.version,
+            "services": len(self._snapshot), "updated": self.updated, "snapshot_from": self.discovery_pid,
+            "reconnects": self.reconnects, "spawned": self.spawned,
+        }
+        return out
+
+    def _local_dump(self, error: str) -> dict[str, Any]:
+        """What this worker routes by, when the discovery process cannot say."""
+        services = {}
+        for (namespace, name), blob in sorted(self._snapshot.items()):
+            view = decode_view(blob)
+            ports = {port: [n.address for n in nodes] for port, nodes in sorted(view.ports.items())}
+            if view.any_port is not None:
+                ports["*"] = [n.address for n in view.any_port]
+            services[f"{namespace}/{name}"] = {"namespace": namespace, "service": name,
+                                               "port_source": view.source, "ports": ports}
+        return {"name": self.config.name, "type": self.type, "state": "degraded" if self._ready else "error",
+                "ready": self.ready, "pid": self.discovery_pid, "warnings": [error], "services": services}

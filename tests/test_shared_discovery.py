@@ -1,0 +1,465 @@
+"""Shared discovery (issue #15): with workers > 1, one discovery process holds the pod's
+watches and feeds every worker (kproxy.discovery.shared). Against the real kube-apiserver:
+watch connections counted from the pod's process group, each worker checked on a
+connection pinned to it, the discovery process killed under traffic, workers restarted,
+reloads, readiness, and no process left behind."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .conftest import ROOT, EchoApp, GatewayProcess, free_port, session, wait_until
+from .test_discovery_kubernetes import TcpRelay
+from .test_operations import Traffic
+
+HOST = "echo.test"
+
+
+def ini(kube, namespace: str, token_file: Path, workers: int, api_server: str | None = None,
+        label_selector: str = "", extra_api: bool = False) -> str:
+    text = f"""
+[kproxy]
+workers = {workers}
+threads = 4
+keepalive_timeout = 120
+
+[registry:k]
+type = kubernetes
+api_server = {api_server or kube.url}
+token_file = {token_file}
+ca_file = {kube.ca_file}
+namespace_pattern = {namespace}
+label_selector = {label_selector}
+
+[service:echo]
+host = {HOST}
+registry = k
+namespace = {namespace}
+service_name = echo
+port = http
+
+[api:echo]
+service = echo
+path = /
+"""
+    if extra_api:
+        text += "\n[service:extra]\nhost = extra.test\nnodes = 127.0.0.1:9\n\n[api:extra]\nservice = extra\npath = /\n"
+    return text
+
+
+def echo_service(kube, namespace: str, node_port: int) -> None:
+    kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": namespace},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": node_port}]}})
+    point_at(kube, namespace, node_port)
+
+
+def point_at(kube, namespace: str, node_port: int) -> None:
+    kube.apply({"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": "echo-1", "namespace": namespace,
+                             "labels": {"kubernetes.io/service-name": "echo", "tier": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": node_port}],
+                "endpoints": [{"addresses": ["127.0.0.1"]}]})
+
+
+@pytest.fixture
+def token_file(kube, tmp_path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(kube.admin_token)
+    return path
+
+
+@pytest.fixture
+def nodes(upstream):
+    return upstream(EchoApp("a")), upstream(EchoApp("b"))
+
+
+# -- the pod's processes, from /proc --
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def group(pgid: int) -> list[int]:
+    """Every live process of a process group (the gateway's: master, workers, discovery)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def discovery_processes(pgid: int) -> list[int]:
+    return [p for p in group(pgid) if "kproxy.discovery.process" in cmdline(p)]
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def _tcp_table() -> list[tuple[int, int, str, int]]:
+    """(local port, remote port, state, inode) of every IPv4 TCP socket."""
+    rows = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            rows.append((int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16), parts[3], int(parts[9])))
+    return rows
+
+
+ESTABLISHED = "01"
+
+
+def api_connections(pgid: int, api_port: int) -> int:
+    """Established connections from the process group to the API server."""
+    inodes = set().union(*(_socket_inodes(p) for p in group(pgid)))
+    return sum(1 for _, remote, state, inode in _tcp_table()
+               if remote == api_port and state == ESTABLISHED and inode in inodes)
+
+
+def worker_pids(gw: GatewayProcess) -> list[int]:
+    return sorted(p for p in group(gw.process.pid) if p != gw.process.pid and "kproxy.discovery" not in cmdline(p))
+
+
+class Pinned:
+    """One kept-alive connection to each worker, each found by which worker holds the
+    server side of a new connection (/proc/net/tcp and the workers' fds)."""
+
+    def __init__(self, gw: GatewayProcess, workers: int, attempts: int = 200):
+        self.conns: dict[int, http.client.HTTPConnection] = {}
+        spare = []
+        deadline = time.monotonic() + 30
+        for _ in range(attempts):
+            pids = worker_pids(gw)
+            conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+            conn.request("GET", "/-/healthz")
+            local = conn.sock.getsockname()[1]
+            response = conn.getresponse()
+            response.read()
+            if response.will_close:  # not a connection to keep
+                continue
+            inode = next((i for lport, rport, _, i in _tcp_table() if lport == gw.port and rport == local), None)
+            pid = next((p for p in pids if inode in _socket_inodes(p)), None)
+            if pid is not None and pid not in self.conns:
+                self.conns[pid] = conn
+            else:
+                spare.append(conn)
+            if len(self.conns) == workers or time.monotonic() > deadline:
+                break
+        for conn in spare:
+            conn.close()
+        if len(self.conns) < workers:
+            self.close()
+            raise AssertionError(f"reached {len(self.conns)} of {workers} workers")
+
+    def get(self, pid: int, path: str, host: str = HOST) -> tuple[int, bytes]:
+        conn = self.conns[pid]
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    def node(self, pid: int) -> str | None:
+        status, body = self.get(pid, "/x")
+        return json.loads(body)["node"] if status == 200 else None
+
+    def every(self, path: str, host: str = HOST) -> dict[int, tuple[int, bytes]]:
+        return {pid: self.get(pid, path, host) for pid in self.conns}
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+
+
+def dump(gw: GatewayProcess) -> dict:
+    return session().get(gw.url + "/-/discovery", timeout=10).json()["registries"]["k"]
+
+
+def discovery_metrics(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith("kproxy_discovery_"))
+
+
+@pytest.fixture
+def gateways(tmp_path) -> Iterator:
+    """``start(kind, ini_text, env)``: a gateway; at the end each is stopped and no
+    discovery process of its group survives it."""
+    started: list[GatewayProcess] = []
+
+    def start(kind: str, text: str, env: dict | None = None) -> GatewayProcess:
+        path = tmp_path / f"{kind}-{len(started)}.ini"
+        path.write_text(text)
+        gw = GatewayProcess(kind, path, free_port(), env)
+        started.append(gw)
+        return gw.start()
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def stop_and_check_nothing_left(gw: GatewayProcess, discovery: list[int]) -> None:
+    gw.stop()
+    wait_until(lambda: not any(alive(p) for p in discovery) and not group(gw.process.pid), timeout=10)
+
+
+# -- the tests --
+
+@pytest.mark.parametrize("kind", ["gunicorn", "serve"])
+def test_four_workers_hold_the_watches_of_one_and_every_worker_routes_each_change(
+        kube, namespace, token_file, nodes, gateways, kind):
+    a, b = nodes
+    echo_service(kube, namespace, a.port)
+
+    single = gateways(kind, ini(kube, namespace, token_file, workers=1))
+    wait_until(lambda: session().get(single.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    assert discovery_processes(single.process.pid) == []  # one worker: discovery stays in it
+    wait_until(lambda: api_connections(single.process.pid, kube.port) >= 2, timeout=10)
+    time.sleep(0.5)
+    one_worker = api_connections(single.process.pid, kube.port)
+    stop_and_check_nothing_left(single, [])
+
+    gw = gateways(kind, ini(kube, namespace, token_file, workers=4))
+    pinned = Pinned(gw, 4)
+    try:
+        wait_until(lambda: all(pinned.node(pid) == "a" for pid in pinned.conns), timeout=30)
+        assert {status for status, _ in pinned.every("/-/readyz").values()} == {200}
+        discovery = discovery_processes(gw.process.pid)
+        assert len(discovery) == 1, [cmdline(p) for p in group(gw.process.pid)]
+        wait_until(lambda: api_connections(gw.process.pid, kube.port) == one_worker, timeout=10)
+        assert api_connections(gw.process.pid, kube.port) == one_worker >= 2
+        for pid in pinned.conns:  # a worker holds no connection to the API server
+            assert not _socket_inodes(pid) & {i for _, r, _, i in _tcp_table() if r == kube.port}
+
+        point_at(kube, namespace, b.port)
+        wait_until(lambda: all(pinned.node(pid) == "b" for pid in pinned.conns), timeout=10)
+
+        dumps = {pid: json.loads(body)["registries"]["k"] for pid, (_, body) in pinned.every("/-/discovery").items()}
+        assert {d["pid"] for d in dumps.values()} == set(pinned.conns)  # who answered
+        bodies = {json.dumps({k: v for k, v in d.items() if k not in ("pid", "worker")}, sort_keys=True)
+                  for d in dumps.values()}
+        assert len(bodies) == 1, "workers answer /-/discovery differently"
+        first = next(iter(dumps.values()))
+        assert first["discovery_pid"] == discovery[0] and first["informers"]["endpoints"]["lists"] == 1
+        assert first["services"][f"{namespace}/echo"]["ports"]["http"] == [f"127.0.0.1:{b.port}"]
+        assert kube.admin_token not in json.dumps(dumps)
+        metrics = {pid: discovery_metrics(body.decode()) for pid, (_, body) in pinned.every("/-/metrics").items()}
+        assert len({tuple(m) for m in metrics.values()}) == 1, "workers answer the discovery metrics differently"
+        assert 'kproxy_discovery_endpoints{registry="k"} 1.0' in next(iter(metrics.values()))
+    finally:
+        pinned.close()
+    logs = gw.logs()
+    stop_and_check_nothing_left(gw, discovery)
+    assert kube.admin_token not in logs and "Traceback" not in logs
+
+
+def test_a_killed_discovery_process_is_replaced_and_no_request_fails_meanwhile(
+        kube, namespace, token_file, nodes, gateways):
+    a, b = nodes
+    echo_service(kube, namespace, a.port)
+    gw = gateways("gunicorn", ini(kube, namespace, token_file, workers=4))
+    wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    traffic = Traffic(gw.url)
+    pinned = None
+    seen = []
+    try:
+        wait_until(lambda: len(traffic.answers) > 50)
+        first, = discovery_processes(gw.process.pid)
+        seen.append(first)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        second = wait_until(lambda: [p for p in discovery_processes(gw.process.pid) if p != first], timeout=10)[0]
+        seen.append(second)
+        assert time.monotonic() - killed <= 10
+        wait_until(lambda: dump(gw).get("discovery_pid") == second and dump(gw)["ready"], timeout=20)
+        pinned = Pinned(gw, 4)
+        wait_until(lambda: all(json.loads(body)["registries"]["k"]["worker"]["snapshot_from"] == second
+                               for _, body in pinned.every("/-/discovery").values()), timeout=10)
+        mark = len(traffic.answers)
+        point_at(kube, namespace, b.port)  # made after the new process has listed
+        wait_until(lambda: all(pinned.node(pid) == "b" for pid in pinned.conns), timeout=10)
+        wait_until(lambda: traffic.nodes_since(mark) >= {"b"} and len(traffic.answers) > mark + 50)
+    finally:
+        if pinned:
+            pinned.close()
+        traffic.stop()
+    assert traffic.errors == []
+    assert {status for status, _ in traffic.answers} == {200}, "a request failed while discovery was replaced"
+    assert len(discovery_processes(gw.process.pid)) == 1
+    stop_and_check_nothing_left(gw, seen)
+
+
+def test_restarted_workers_get_the_snapshot_without_a_list(kube, namespace, token_file, nodes, gateways):
+    a, b = nodes
+    echo_service(kube, namespace, a.port)
+    gw = gateways("gunicorn", ini(kube, namespace, token_file, workers=4),
+                  env={"GUNICORN_CMD_ARGS": "--max-requests 25"})
+    wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    discovery, = discovery_processes(gw.process.pid)
+    before = set(worker_pids(gw))
+    # the worker that started the discovery process crashes: the process outlives it
+    parent = int(_stat(discovery)[1])
+    assert parent in before
+    os.kill(parent, signal.SIGKILL)
+    for _ in range(300):  # new connections: every worker serves a share and is recycled
+        status = session().get(gw.url + "/x", headers={"Host": HOST}, timeout=10).status_code
+        assert status == 200
+    wait_until(lambda: len(worker_pids(gw)) == 4, timeout=20)
+    after = set(worker_pids(gw))
+    assert not before & after, "every worker was restarted"
+    # workers keep being recycled (a pinned connection would end with its worker): new
+    # connections, which any worker may take, must all reach the new node
+    point_at(kube, namespace, b.port)
+
+    def answers() -> list[str]:
+        replies = [session().get(gw.url + "/x", headers={"Host": HOST}, timeout=10) for _ in range(40)]
+        assert {r.status_code for r in replies} == {200}
+        return [r.json()["node"] for r in replies]
+    wait_until(lambda: answers() == ["b"] * 40, timeout=10)
+    d = dump(gw)
+    assert discovery_processes(gw.process.pid) == [discovery] and d["discovery_pid"] == discovery
+    assert d["informers"]["endpoints"]["lists"] == 1 and d["informers"]["services"]["lists"] == 1
+    stop_and_check_nothing_left(gw, [discovery])
+
+
+def test_reload_keeps_an_unchanged_registry_and_restarts_a_changed_one(kube, namespace, token_file, nodes, gateways):
+    a, _ = nodes
+    echo_service(kube, namespace, a.port)
+    gw = gateways("gunicorn", ini(kube, namespace, token_file, workers=4))
+    wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    discovery, = discovery_processes(gw.process.pid)
+    wait_until(lambda: api_connections(gw.process.pid, kube.port) >= 2, timeout=10)
+    connections = api_connections(gw.process.pid, kube.port)
+    traffic = Traffic(gw.url)
+    try:
+        wait_until(lambda: len(traffic.answers) > 20)
+        gw.config_path.write_text(ini(kube, namespace, token_file, workers=4, extra_api=True))
+        gw.signal(signal.SIGHUP)
+        pinned = Pinned(gw, 4)
+        try:
+            wait_until(lambda: all(status == 502 for status, _ in pinned.every("/", "extra.test").values()),
+                       timeout=15)
+        finally:
+            pinned.close()
+        d = dump(gw)
+        assert d["informers"]["endpoints"]["lists"] == 1 and d["informers"]["endpoints"]["watch_restarts"] == 0
+        assert api_connections(gw.process.pid, kube.port) == connections
+
+        mark = len(traffic.answers)
+        gw.config_path.write_text(ini(kube, namespace, token_file, workers=4, extra_api=True,
+                                      label_selector="tier=web"))
+        gw.signal(signal.SIGHUP)
+        wait_until(lambda: dump(gw)["config"]["label_selector"] == "tier=web", timeout=15)
+        d = dump(gw)
+        assert d["informers"]["endpoints"]["lists"] == 1 and d["discovery_pid"] == discovery
+        wait_until(lambda: len(traffic.answers) > mark + 50)
+        # the old registry's watches end once no worker follows it (GRACE, 10 s)
+        wait_until(lambda: api_connections(gw.process.pid, kube.port) == connections, timeout=30)
+    finally:
+        traffic.stop()
+    assert traffic.errors == []
+    assert {status for status, _ in traffic.answers} == {200}, "a request failed during a reload"
+    stop_and_check_nothing_left(gw, [discovery])
+
+
+def test_every_worker_is_not_ready_until_it_has_the_snapshot(kube, namespace, token_file, nodes, gateways):
+    a, _ = nodes
+    echo_service(kube, namespace, a.port)
+    relay = TcpRelay(kube.port)
+    try:
+        relay.pause()  # the API server cannot be reached: nothing lists
+        gw = gateways("gunicorn", ini(kube, namespace, token_file, workers=4, api_server=relay.url))
+        pinned = Pinned(gw, 4)
+        try:
+            for status, body in pinned.every("/-/readyz").values():
+                assert status == 503, body
+            for status, _ in pinned.every("/x").values():
+                assert status == 503
+            relay.resume()
+            wait_until(lambda: all(status == 200 for status, _ in pinned.every("/-/readyz").values()), timeout=30)
+            assert all(pinned.node(pid) == "a" for pid in pinned.conns)
+        finally:
+            pinned.close()
+        discovery = discovery_processes(gw.process.pid)
+        stop_and_check_nothing_left(gw, discovery)
+    finally:
+        relay.close()
+
+
+def test_a_worker_loads_no_kubernetes_client_and_the_discovery_process_ends_with_its_master(
+        kube, namespace, token_file, nodes, tmp_path):
+    """A stand-in master (this script's parent) forks one worker that follows the
+    registry; the worker must route without the Kubernetes client, the reflector or the
+    API connection in its modules; once the master exits, so does the discovery process."""
+    a, _ = nodes
+    echo_service(kube, namespace, a.port)
+    config = tmp_path / "kproxy.ini"
+    config.write_text(ini(kube, namespace, token_file, workers=4))
+    directory = tmp_path / "pod"
+    directory.mkdir(mode=0o700)
+    script = textwrap.dedent(f"""
+        import json, os, sys, time
+        pid = os.fork()
+        if pid == 0:
+            from kproxy.config import load
+            from kproxy.discovery.shared import SharedRegistry
+            registry = SharedRegistry(load({str(config)!r}).registries["k"], {str(directory)!r})
+            registry.start()
+            for _ in range(600):
+                if registry.ready:
+                    break
+                time.sleep(0.05)
+            nodes = registry.nodes({namespace!r}, "echo", "http")
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] == "kubernetes"
+                           or m in ("kproxy.discovery.kubernetes", "kproxy.discovery.reflector",
+                                    "kproxy.discovery.apiserver"))
+            print(json.dumps({{"ready": registry.ready, "nodes": [n.address for n in nodes or ()],
+                              "heavy": heavy, "discovery": registry.discovery_pid}}), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["ready"] and answer["nodes"] == [f"127.0.0.1:{a.port}"]
+    assert answer["heavy"] == []
+    wait_until(lambda: not alive(answer["discovery"]), timeout=10)
+    assert not (directory / "socket").exists()
