@@ -26,7 +26,8 @@ BODY_CHUNK_SIZE = 256 * 1024
 
 class RelayedBody:
     """The upstream body as a WSGI iterable: whatever one socket read gives, up to 64 KiB
-    (event streams are not held back), still encoded. ``close`` (called by every WSGI
+    (event streams are not held back), still encoded; under gunicorn, the head of a
+    stream whose body is not there yet is sent at once. ``close`` (called by every WSGI
     server, also when the client went away) returns the connection to the pool if the
     body was read to the end, and drops it otherwise, so an abandoned stream never pins a
     pooled connection. An upstream that breaks off mid-body makes the client's connection
@@ -42,7 +43,19 @@ class RelayedBody:
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
-        read1 = self._response.read1
+        response = self._response
+        read1 = response.read1
+        if self._client is not None and not response.framed_by_length and response.would_wait:
+            # A stream (chunked, or up to the close) whose body did not come with its head:
+            # the head goes to the client now, as nginx and Envoy send it, not with the first
+            # event, however late that is. (An answer with a Content-Length keeps its head for
+            # its first piece: many nodes write head and body apart, and one send is cheaper.)
+            # The empty piece makes gunicorn write the head, which kproxy's worker holds back
+            # for the next write: flush() sends it.
+            yield b""
+            flush = getattr(self._client, "flush", None)
+            if flush is not None:
+                flush()
         try:
             while chunk := read1(CHUNK_SIZE):
                 record.bytes_sent += len(chunk)

@@ -297,6 +297,10 @@ class GatewayConfig:
                            "requests come (an idle worker has few): one per request in progress, waiting "
                            "for its upstream or relaying a stream. Also the idle connections kept per "
                            "upstream node. See docs/performance.rst for the cost of each.", restart=True)
+    queue_timeout: float = setting(_seconds, 10.0,
+                                   "Seconds a request whose head has come may wait for a request thread when "
+                                   "all ``threads`` are busy; past it, it is answered 503 with the JSON error "
+                                   "``overloaded`` and its connection closed.", restart=True)
     workers: int = setting(_count(1, 64), 1, "Worker processes under gunicorn (conf/gunicorn.conf.py).",
                            restart=True)
     keepalive_timeout: float = setting(_seconds, 5.0,

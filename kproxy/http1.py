@@ -300,6 +300,11 @@ class Response:
         """The body was read to its end and the connection can carry another request."""
         return self._done and self._keep_alive
 
+    @property
+    def would_wait(self) -> bool:
+        """No body byte is at hand: the next ``read1`` waits for the node (a stream, a long poll)."""
+        return not self._done and self._pos >= len(self._buffer)
+
     def read1(self, size: int = RECV_SIZE) -> bytes:
         """Up to ``size`` body bytes: what is buffered, or what one read gives; ``b""`` at
         the end. Raises ``BrokenBody`` when the node breaks off or breaks the framing."""

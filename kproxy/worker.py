@@ -16,7 +16,9 @@ each hold a thread, and ``threads`` of them stop the worker. This worker bounds 
   a thread;
 - ``client_header_timeout``: the whole request head must arrive within this many seconds
   of its first byte, or the main thread answers 408 and closes the connection. A head
-  that arrived whole is served however long it then waits for a thread;
+  that arrived whole waits for a request thread at most ``queue_timeout`` seconds, then
+  is answered 503 ``overloaded`` (``kproxy.threads``: threads are made as requests come,
+  up to ``threads``);
 - ``client_body_timeout``: while a body is read, each read may wait this long;
 - ``client_send_timeout``: each write of an answer may wait this long for a client that
   does not read.
@@ -47,6 +49,7 @@ throw-away selector gthread used to ask whether a byte had come).
 from __future__ import annotations
 
 import errno
+import json
 import selectors
 import socket
 import time
@@ -58,6 +61,9 @@ from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX
 from gunicorn.workers.gthread import ThreadWorker
 
 from .http1 import timeval
+from .record import RequestRecord
+from .request import new_request_id
+from .threads import RequestThreads
 
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _NO_LIMIT = timeval(None)
@@ -183,6 +189,15 @@ class ClientSocket:
             self._ahead += data
         return True
 
+    def send_refusal(self, answer: bytes) -> None:
+        """Send an answer that ends the connection (the caller closes it), the request unread."""
+        self._ahead = b""
+        self._send_quietly(answer)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
     def time_out(self) -> None:
         """Answer 408 without waiting: the head's deadline passed. The caller closes."""
         try:  # what came meanwhile is read away, so that closing sends a FIN, not a reset
@@ -286,6 +301,15 @@ class _Finished:
         return self._result
 
 
+def _head_record(head: bytes, client: Any) -> RequestRecord:
+    """A request record from a raw request head, for an answer made without parsing it."""
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    method, _, rest = line.partition(" ")
+    path = rest.rpartition(" ")[0].partition("?")[0]
+    address = client[0] if isinstance(client, tuple) else str(client or "-")
+    return RequestRecord(method[:20] or "-", path[:200] or "-", address, new_request_id(), time.perf_counter())
+
+
 class HeadCheck:
     """Whether gunicorn's parser can take a request head without waiting for more of it:
     the head is whole (its empty line came), or the parser refuses it as it stands (a bare
@@ -325,13 +349,61 @@ class DeadlineThreadWorker(ThreadWorker):
     header_timeout = 10.0
     body_timeout = 30.0
     send_timeout = 30.0
+    queue_timeout = 10.0  # [kproxy] queue_timeout, read from the app's config in run()
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        pass  # gthread's warning that threads >= worker_connections leave no keep-alive: not so here
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # gthread keeps ``threads`` of its ``worker_connections`` from keep-alive, as if each
+        # thread held a connection all the time; request threads are made as requests come
+        # (up to ``threads``, which may exceed worker_connections), so keep-alive is bounded
+        # by the connection limit alone
+        self.max_keepalived = self.worker_connections
         self.head_ready = HeadCheck(self.cfg)
+        self.observers: list[Any] = []  # the gateway's (access log, metrics), for the answers made here
         # connections whose head is coming, in the poller: oldest first, which is also the
         # order of their deadlines (each is its first byte's time plus one timeout)
         self.heads: dict[Any, None] = {}
+
+    def get_thread_pool(self) -> RequestThreads:
+        # threads made as requests come, up to ``threads``; a request that waited longer than
+        # queue_timeout for one is answered 503 (kproxy/threads.py)
+        return RequestThreads(self.cfg.threads, self.queue_timeout, self._refuse)
+
+    def run(self) -> None:
+        from .server import _gateway  # the app is loaded, post_worker_init has run
+        gateway = _gateway(self.wsgi)
+        if gateway is not None:
+            self.queue_timeout = gateway.config.gateway.queue_timeout
+            self.observers = gateway.observers
+        self.tpool.queue_timeout = self.queue_timeout
+        super().run()
+
+    def _refuse(self, conn: Any) -> None:
+        # in a request thread, for a request that waited longer than queue_timeout for one:
+        # 503 overloaded, and the connection closed (the client's body, if any, is not read)
+        sock = conn.sock
+        if not isinstance(sock, ClientSocket):  # TLS: gunicorn's own socket; served, however late
+            self._serve(conn)
+            return
+        record = _head_record(bytes(sock.ahead), conn.client)
+        record.status, record.error = 503, (f"overloaded: every one of the {self.cfg.threads} request threads "
+                                            f"was busy for queue_timeout ({self.queue_timeout:g} s)")
+        body = json.dumps({"error": "overloaded", "message": f"the gateway is overloaded: {record.error}",
+                           "request_id": record.request_id}).encode() + b"\n"
+        record.bytes_sent = len(body)
+        sock.send_refusal(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\nRetry-After: 1\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
+                          % (len(body), record.request_id.encode(), body))
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                self.log.exception("observer %r failed", observer)
+        self.method_queue.defer(self.finish_request, conn, _Finished(False))
 
     def enqueue_req(self, conn: Any) -> None:
         # main thread: a connection accepted, readable after keep-alive, or with bytes of

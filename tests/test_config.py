@@ -801,7 +801,7 @@ def test_no_cleartext_warning_for_https_or_without_a_token(tmp_path, capsys):
 def test_restart_only_settings_are_declared_on_the_setting_and_named_by_restart_needed():
     from kproxy.config import restart_needed
     restart = {s.key for s in GATEWAY if s.restart}
-    assert {"listen", "threads", "workers", "keepalive_timeout", "client_header_timeout",
+    assert {"listen", "threads", "queue_timeout", "workers", "keepalive_timeout", "client_header_timeout",
             "client_body_timeout", "client_send_timeout", "access_log", "access_log_format"} == restart
     assert not any(s.restart for s in REGISTRY + SERVICE + API)
     before = parse("[kproxy]\nthreads = 8\nread_timeout = 60\n" + VALID).gateway
