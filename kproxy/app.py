@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from werkzeug.http import HTTP_STATUS_CODES
 
-from . import accesslog, metrics
+from . import accesslog, metrics, tunnel
 from .admin import Admin
 from .status import record_reload
 from . import config as configmod
@@ -36,7 +36,7 @@ from .body import BodyTooLarge, ClientDisconnected, RelayedBody
 from .client import client_address
 from .discovery import Registry, all_ready, create_registry
 from .health import HealthCheck, HealthChecker
-from .headers import add_forwarded_headers, request_headers, response_headers
+from .headers import add_forwarded_headers, request_headers, response_headers, upgrade_protocol
 from .http1 import InvalidRequest
 from .pool import TLSPolicy
 from .transport import NO_BODY_STATUSES, ConnectFailed, Transport, UpstreamFailure
@@ -255,6 +255,11 @@ class Gateway:
                  record: RequestRecord, active: ActiveConfig) -> Iterable[bytes]:
         service = target.service
         upstream = target.upstream
+        upgrade = upgrade_protocol(environ)
+        if upgrade is not None and (take_over := tunnel.hand_over(environ)) is None:
+            return self._error(record, start_response, 501, "upgrade_not_supported",
+                               f"Upgrade: {upgrade} needs kproxy serve or gunicorn with kproxy's worker; "
+                               "this server does not hand its connection over")
         try:
             nodes = upstream.nodes()
         except NoNodes:
@@ -273,9 +278,11 @@ class Gateway:
         add_forwarded_headers(headers, environ, active.config.gateway.trusted_proxies, request.host,
                               record.client)
         headers["X-Request-Id"] = record.request_id
+        if upgrade is not None:
+            headers["Connection"], headers["Upgrade"] = "upgrade", upgrade
         try:
-            response = upstream.send(self.transport, record, request_target, headers, body, chunked,
-                                     request.host, nodes)
+            response = upstream.send(self.transport.upgrades if upgrade else self.transport, record,
+                                     request_target, headers, body, chunked, request.host, nodes)
         except NoNodes:
             return self._no_upstream(record, start_response, service, active)
         except InvalidRequest as e:
@@ -294,6 +301,9 @@ class Gateway:
             kind = "upstream_unreachable" if isinstance(failure, ConnectFailed) else "upstream_error"
             return self._error(record, start_response, 502, kind,
                                f"upstream {service.name}: {failure.reason}", service=service.name)
+        if response.status == 101:  # only ever the answer to an upgrade (http1.read_response)
+            return tunnel.start(start_response, response, record, take_over, self._finish,
+                                active.config.gateway.tunnel_idle_timeout)
         return self._relay(record, start_response, response, environ)
 
     def _relay(self, record: RequestRecord, start_response: Callable, response: Any,

@@ -41,6 +41,17 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",")) - _NEVER_HOP_BY_HOP
 
 
+def upgrade_protocol(environ: dict) -> str | None:
+    """The protocol an HTTP/1.1 request asks to switch to: its ``Upgrade`` value, when
+    ``Connection`` names ``upgrade``; else None. Only such a request gets ``Upgrade`` and
+    ``Connection: upgrade`` forwarded (the caller sets them); an HTTP/1.0 one is a plain
+    request (RFC 9110 §7.8)."""
+    value = environ.get("HTTP_UPGRADE")
+    if not value or environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return None
+    return value if "upgrade" in connection_tokens(environ.get("HTTP_CONNECTION")) else None
+
+
 def request_headers(environ: dict) -> dict[str, str]:
     """Upstream request headers from a WSGI environ: end-to-end headers only, without
     Host and the framing, which the caller sets."""

@@ -21,7 +21,8 @@ twice on the way out (docs/performance.rst). What a gateway must still do is:
   control character (``InvalidRequest``);
 - a response head must be well-formed HTTP/1.x within 64 KiB and 100 fields; folded
   lines are unfolded (RFC 9112 §5.2), 1xx interim answers skipped, and a body length
-  that cannot be trusted (an invalid or disagreeing ``Content-Length``) is refused;
+  that cannot be trusted (an invalid or disagreeing ``Content-Length``) is refused; a
+  101 is final only for a request that asked for an upgrade (else refused);
 - the body is framed as RFC 9112 §6.3 says: none (HEAD, 1xx, 204, 304), chunked, by
   ``Content-Length``, or up to the close of the connection (which then is not reused).
 
@@ -152,10 +153,12 @@ def _chunk(data: bytes) -> bytes:
 # -- the response --
 
 def read_response(sock: socket.socket, method: str, response_class: type[Response] | None = None,
-                  timeout: float | None = None) -> Response:
+                  timeout: float | None = None, upgrade: bool = False) -> Response:
     """Read the final response head (skipping 1xx) and frame its body. ``timeout`` bounds
     the whole head, however slowly it trickles in; the socket's own timeout (which the
-    caller set to the same value) then bounds each wait for body bytes. Raises
+    caller set to the same value) then bounds each wait for body bytes. ``upgrade``: the
+    request asked to switch protocols, so a 101 (with its ``Upgrade``) is a final answer,
+    and whatever the answer, the connection is not reused (the node may have switched). Raises
     ``ClosedEarly`` if the connection closes before any byte, ``InvalidResponse`` for a head
     kproxy will not relay, ``TimeoutError`` past the deadline, and the socket's errors."""
     buffer = b""
@@ -189,10 +192,16 @@ def read_response(sock: socket.socket, method: str, response_class: type[Respons
                 raise InvalidResponse(f"response head larger than {MAX_HEAD} bytes")
             head, buffer = buffer[:end[0]], buffer[end[1]:]
             response = (response_class or Response)(sock, method, *_parse_head(head), buffer)
+            if upgrade:
+                response._keep_alive = False
             if not 100 <= response.status < 200:
                 return response
             if response.status == 101:
-                raise InvalidResponse("101 Switching Protocols to a request that asked for no upgrade")
+                if not upgrade:
+                    raise InvalidResponse("101 Switching Protocols to a request that asked for no upgrade")
+                if not any(name.lower() == "upgrade" and value for name, value in response.headers):
+                    raise InvalidResponse("101 Switching Protocols without an Upgrade header")
+                return response
         raise InvalidResponse(f"more than {MAX_INTERIM} interim (1xx) answers")
     finally:
         if shortened:  # each wait for body bytes gets the whole timeout again
@@ -304,6 +313,12 @@ class Response:
     def would_wait(self) -> bool:
         """No body byte is at hand: the next ``read1`` waits for the node (a stream, a long poll)."""
         return not self._done and self._pos >= len(self._buffer)
+
+    def take_buffered(self) -> bytes:
+        """What was read past the head and not handed out: after a 101, the first bytes of
+        the new protocol."""
+        data, self._buffer, self._pos = self._buffer[self._pos:], b"", 0
+        return data
 
     def read1(self, size: int = RECV_SIZE) -> bytes:
         """Up to ``size`` body bytes: what is buffered, or what one read gives; ``b""`` at

@@ -13,6 +13,10 @@ Content encodings pass through untouched, redirects are returned, not followed. 
 connection that the node closes at the same moment as it is reused fails before any
 answer; a request that can be sent again (no body, idempotent method) is then sent once
 more on a new connection, as browsers and Go's HTTP client do.
+
+A request that asks to switch protocols (``Upgrade``) is sent through ``transport.upgrades``:
+its connection comes from the pool like any other's, but never goes back: after a 101
+it is the tunnel's (``kproxy.tunnel``), after any other answer it is closed.
 """
 
 from __future__ import annotations
@@ -71,6 +75,27 @@ class UpstreamResponse(http1.Response):
             else:
                 pool.discard(self._pool, conn)
 
+    def take_socket(self) -> tuple[socket.socket, bytes]:
+        """The connection of a 101 answer, for a tunnel: its socket, and what the node sent
+        after the head. It never goes back to the pool; its place there is freed."""
+        conn, self._conn = self._conn, None
+        sock, conn.sock = conn.sock, None
+        pool.discard(self._pool, conn)  # closes nothing: the socket is the tunnel's now
+        return sock, self.take_buffered()
+
+
+class Upgrades:
+    """The transport as ``Upstream.send`` uses it for a request that asks to switch
+    protocols: a 101 is an answer, and the connection is never reused afterwards."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Transport):
+        self._transport = transport
+
+    def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        return self._transport.send(*args, upgrade=True, **kwargs)
+
 
 class Transport:
     """One pooled connection manager for every node; thread-safe."""
@@ -80,6 +105,7 @@ class Transport:
         self._pools = NodePools(pool_size, max_nodes)
         self.timeout = self.timeouts(connect_timeout, read_timeout)
         self.keepalive_timeout = keepalive_timeout  # upstream_keepalive_timeout
+        self.upgrades = Upgrades(self)
 
     @staticmethod
     def timeouts(connect: float, read: float) -> urllib3.Timeout:
@@ -88,9 +114,10 @@ class Transport:
     def send(self, node: Node, method: str, target: str, headers: dict[str, str],
              body: IO[bytes] | Iterable[bytes] | None = None, chunked: bool = False,
              scheme: str = "http", tls: TLSPolicy | None = None,
-             replayable: bool = False) -> UpstreamResponse:
+             replayable: bool = False, upgrade: bool = False) -> UpstreamResponse:
         """Send a request; the response's body is left unread for ``RelayedBody``.
         ``replayable``: the request may be sent twice (no body, idempotent method).
+        ``upgrade``: the request asks to switch protocols (``Transport.upgrades``).
 
         Raises ConnectFailed when nothing was sent, ExchangeFailed afterwards,
         InvalidRequest for a request that cannot be written as it is."""
@@ -100,7 +127,7 @@ class Transport:
         while True:
             reused = conn.sock is not None
             try:
-                return self._exchange(node_pool, conn, node, method, target, headers, body, chunked)
+                return self._exchange(node_pool, conn, node, method, target, headers, body, chunked, upgrade)
             except ClosedEarly as e:
                 conn.close()
                 if not (reused and replayable):
@@ -116,14 +143,14 @@ class Transport:
             replayable = False
 
     def _exchange(self, node_pool: HTTPConnectionPool, conn: HTTPConnection, node: Node, method: str, target: str,
-                  headers: dict[str, str], body: Any, chunked: bool) -> UpstreamResponse:
+                  headers: dict[str, str], body: Any, chunked: bool, upgrade: bool = False) -> UpstreamResponse:
         sock = self._connected(conn, node)
         try:
             try:
                 http1.write_request(sock, method, target, headers, body, chunked, node.address)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node may have answered already (a 413) and closed: read that
-            response = http1.read_response(sock, method, UpstreamResponse, self.timeout.read_timeout)
+            response = http1.read_response(sock, method, UpstreamResponse, self.timeout.read_timeout, upgrade)
         except InvalidResponse as e:
             raise ExchangeFailed(node, "bad_response", str(e)) from None
         except OSError as e:

@@ -44,6 +44,12 @@ of mode; and the response head goes out in the same ``send`` as the first piece 
 body. The head's read moved to the main thread, not added to it: the one non-blocking
 ``recv`` there replaces the thread's first ``recv`` (and, for a new connection, the
 throw-away selector gthread used to ask whether a byte had come).
+
+A request that switches protocols (a WebSocket, any ``Upgrade`` the node accepts) takes
+its connection from the worker (``ClientSocket.take_over``, through the environ's
+``gunicorn.socket``) with the bytes read past its head; the worker then finishes the
+request without keeping the connection alive or closing it, and no longer counts it
+among its connections: ``kproxy.tunnel`` relays it from a poller thread of its own.
 """
 
 from __future__ import annotations
@@ -81,10 +87,12 @@ class ClientSocket:
     ``flush()``), so that a response head and its first body piece leave in one ``send``.
 
     ``read_ahead()`` (the worker's main thread, gathering a request head) keeps what it
-    reads in a buffer that ``recv`` hands out before it reads the socket again."""
+    reads in a buffer that ``recv`` hands out before it reads the socket again.
+
+    ``take_over()`` hands the connection to an Upgrade tunnel (``kproxy.tunnel``)."""
 
     __slots__ = ("_sock", "deadline", "idle_timeout", "send_timeout", "_timeout", "_rcvtimeo",
-                 "_holding", "_held", "_ahead")
+                 "_holding", "_held", "_ahead", "unreader", "taken")
 
     def __init__(self, sock: socket.socket, send_timeout: float):
         self._sock = sock
@@ -98,6 +106,8 @@ class ClientSocket:
         self._holding = False
         self._held: bytes | None = None
         self._ahead: bytes | bytearray = b""  # read, not yet handed out by recv()
+        self.unreader: Any = None  # gunicorn's parser buffer of the request being served
+        self.taken = False
 
     # -- what gunicorn sets --
 
@@ -210,6 +220,18 @@ class ClientSocket:
         except OSError:
             pass
 
+    # -- an Upgrade tunnel --
+
+    def take_over(self) -> tuple[socket.socket, bytes]:
+        """The connection, for a tunnel: its socket, and the bytes the client sent after the
+        request (read by gunicorn's parser or by the main thread, not yet used). From now
+        on this object writes, reads and closes nothing, so the worker can finish the
+        request as it does any other (and must not keep it alive: ``handle_request``)."""
+        early = (self.unreader.take_buffered() if self.unreader is not None else b"") + bytes(self._ahead)
+        sock, self._sock = self._sock, _HANDED_OVER
+        self._ahead, self._held, self._holding, self.taken = b"", None, False, True
+        return sock, early
+
     # -- writes --
 
     def hold_next_write(self) -> None:
@@ -278,6 +300,29 @@ class ClientSocket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+class _HandedOver:
+    """Where a ``ClientSocket`` points once its connection is a tunnel's: gunicorn's
+    writes (its own head for the 101), its drain and its close reach nothing."""
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        pass
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        return len(data)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        return b""
+
+    def __getattr__(self, name: str) -> Any:  # setsockopt, shutdown, close, ...
+        return lambda *args, **kwargs: None
+
+    def fileno(self) -> int:
+        return -1
+
+
+_HANDED_OVER = _HandedOver()
 
 
 # epoll and kqueue watch a descriptor registered while another thread waits in select();
@@ -528,8 +573,12 @@ class DeadlineThreadWorker(ThreadWorker):
             return super().handle_request(req, conn)
         sock.deadline = None  # the head is in; the body may take as long as it keeps coming
         sock.idle_timeout = self.body_timeout
+        sock.unreader = conn.parser.unreader  # for take_over()
         sock.hold_next_write()  # the response head: sent with the first body piece
         try:
-            return super().handle_request(req, conn)
+            keepalive = super().handle_request(req, conn)
         finally:
             sock.flush()  # a head with no body after it
+        # a connection taken over by a tunnel is not the worker's any more: not kept alive,
+        # and what finish_request closes is the empty ClientSocket, not the tunnel
+        return keepalive and not sock.taken
