@@ -28,6 +28,7 @@ from .discovery import Registry, all_ready
 if TYPE_CHECKING:
     from .config import Config, RegistryConfig
     from .record import RequestRecord
+    from .health import HealthChecker
     from .upstream import Upstream
 
 Answer = tuple[int, bytes, str] | tuple[int, bytes, str, list[tuple[str, str]]]
@@ -40,12 +41,14 @@ class Admin:
     for the dashboard, the config and its upstreams."""
 
     def __init__(self, allow: Sequence[Network], configs: Mapping[str, RegistryConfig],
-                 registries: Mapping[str, Registry], config: Config, upstreams: Mapping[str, Upstream]):
+                 registries: Mapping[str, Registry], config: Config, upstreams: Mapping[str, Upstream],
+                 health_checkers: Sequence[HealthChecker] = ()):
         self.allow = allow
         self.configs = configs
         self.registries = registries
         self.config = config
         self.upstreams = upstreams
+        self.health_checkers = health_checkers
         self.loaded = time.time()
 
     def handle(self, environ: dict, name: str, record: RequestRecord) -> Answer | None:
@@ -65,7 +68,7 @@ class Admin:
             what = name or "the dashboard"
             return 403, _json({"error": "forbidden", "message": f"{what} is served to admin_allow only"}), JSON
         if name == "metrics":
-            body, content_type = metrics.exposition(self.registries)
+            body, content_type = metrics.exposition(self.registries, self.upstreams)
             return 200, body, content_type
         if name == "discovery":
             return 200, _json(self.discovery()), JSON
@@ -85,7 +88,8 @@ class Admin:
             else:
                 out[name] = {"enabled": registry_config.enabled,
                              "state": "disabled" if not registry_config.enabled else "not started"}
-        return {"registries": out}
+        checked = {checker.upstream.name: checker.dump() for checker in self.health_checkers}
+        return {"registries": out, **({"health_checks": checked} if checked else {})}
 
 
 def _json(value: object) -> bytes:

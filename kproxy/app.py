@@ -85,7 +85,8 @@ class ActiveConfig:
                                  service.path_prefix if api.strip_prefix else "")
             self.router.add(service.host, service.path_prefix + api.path, api.match, api.methods, target)
         self.router.build()
-        self.admin = Admin(config.gateway.admin_allow, config.registries, registries, config, upstreams)
+        self.admin = Admin(config.gateway.admin_allow, config.registries, registries, config, upstreams,
+                           self.health_checkers)
 
     def _upstream(self, service: ServiceConfig) -> Upstream:
         if service.nodes is not None:

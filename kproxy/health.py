@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import metrics
 from .node import Node
 from .pool import TLSPolicy
 from .upstream import NoNodes, Upstream
@@ -77,6 +78,7 @@ class HealthChecker:
         self.check = check
         self._probe = probe
         self._streaks: dict[tuple[str, int], int] = {}  # address -> passes (> 0) or failures (< 0) in a row
+        self.last: dict[tuple[str, int], str | None] = {}  # address -> why its last check failed (None: passed)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.checks = 0
@@ -108,13 +110,34 @@ class HealthChecker:
         for node in nodes:
             if self._stopping.is_set():
                 return
+            if node not in self._current():  # discovery removed it during this round: no check
+                continue
             address = (node.host, node.port)
             seen.add(address)
             failure = self._probe(node, self.check, self.upstream.scheme, self.upstream.tls)
             self.checks += 1
+            metrics.health_checked(self.upstream.name, failure is None)
+            self.last[address] = failure
             self._record(node, address, failure)
         for address in set(self._streaks) - seen:  # nodes that left
-            del self._streaks[address]
+            self._streaks.pop(address, None)
+            self.last.pop(address, None)
+
+    def _current(self) -> tuple[Node, ...]:
+        try:
+            return self.upstream.nodes()
+        except NoNodes:
+            return ()
+
+    def dump(self) -> dict:
+        """For ``/-/discovery``: the check and each node's last result."""
+        c = self.check
+        return {"path": c.path, "interval": c.interval, "timeout": c.timeout,
+                "healthy_threshold": c.healthy_threshold, "unhealthy_threshold": c.unhealthy_threshold,
+                "checks": self.checks,
+                "nodes": {f"{h}:{p}" if ":" not in h else f"[{h}]:{p}": {
+                    "last": "pass" if why is None else f"fail: {why}", "streak": self._streaks.get((h, p), 0)}
+                    for (h, p), why in sorted(self.last.items())}}
 
     def _record(self, node: Node, address: tuple[str, int], failure: str | None) -> None:
         streak = self._streaks.get(address, 0)

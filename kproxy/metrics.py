@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .discovery import Registry
+    from .upstream import Upstream
     from .record import RequestRecord
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
@@ -62,6 +63,8 @@ CONNECT_FAILURES = Counter("kproxy_upstream_connect_failures", "Connections to n
 UPSTREAM_ERRORS = Counter("kproxy_upstream_errors", "Failed exchanges with nodes, by kind", ["service", "kind"])
 RETRIES = Counter("kproxy_upstream_retries", "Requests sent again to another node", ["service"])
 EJECTIONS = Counter("kproxy_upstream_ejections", "Nodes taken out of rotation by passive health", ["service"])
+HEALTH_CHECKS = Counter("kproxy_health_checks", "Active health checks of nodes, by result (pass, fail)",
+                        ["service", "result"])
 ZONE_REQUESTS = Counter("kproxy_upstream_zone_requests", "Requests sent to a node in kproxy's zone (same), "
                         "in another (other), or where either zone is unknown", ["service", "locality"])
 TUNNELS_OPEN = Gauge("kproxy_tunnels_open", "Upgrade tunnels (WebSockets) being relayed", ["service"],
@@ -222,9 +225,9 @@ class DiscoveryCollector(Collector):
         yield state
 
 
-def exposition(registries: Mapping[str, Registry]) -> tuple[bytes, str]:
-    """The text a scrape gets: request metrics (summed over gunicorn workers) and this
-    worker's discovery metrics."""
+def exposition(registries: Mapping[str, Registry], upstreams: Mapping[str, Upstream] | None = None) -> tuple[bytes, str]:
+    """The text a scrape gets: request metrics (summed over gunicorn workers), and this
+    worker's discovery metrics and node states."""
     flush()
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -236,7 +239,32 @@ def exposition(registries: Mapping[str, Registry]) -> tuple[bytes, str]:
     output = generate_latest(registry)
     discovery = CollectorRegistry()
     discovery.register(DiscoveryCollector(registries))
+    if upstreams:
+        discovery.register(UpstreamCollector(upstreams))
     return output + generate_latest(discovery), CONTENT_TYPE_LATEST
+
+
+def health_checked(service: str, passed: bool) -> None:
+    HEALTH_CHECKS.labels(service, "pass" if passed else "fail").inc()
+
+
+class UpstreamCollector(Collector):
+    """This worker's nodes per service and state (ready, ejected, unhealthy, ...), at scrape time."""
+
+    def __init__(self, upstreams: Mapping[str, Upstream]):
+        self.upstreams = upstreams
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nodes = GaugeMetricFamily("kproxy_upstream_nodes", "Nodes of each service by state, as this worker sees "
+                                  "them (health checks and ejections are each worker's own)",
+                                  labels=["service", "state"])
+        for name, upstream in self.upstreams.items():
+            counts: dict[str, int] = {}
+            for state in upstream.states():
+                counts[state.state] = counts.get(state.state, 0) + 1
+            for state, count in sorted(counts.items()):
+                nodes.add_metric([name, state], float(count))
+        yield nodes
 
 
 def tunnel_opened(service: str) -> None:

@@ -244,6 +244,11 @@ class Upstream:
             return self._current_node(node) in self._unhealthy
 
     def _current_node(self, node: Node) -> Node | None:
+        # the checks may come before any request: the node is looked up in the source's
+        # list as it is now (adopted, so the mark stays with it)
+        nodes = self._source()
+        if nodes and nodes is not self._nodes:
+            self._adopt(nodes)
         for n in self._nodes or ():
             if n.host == node.host and n.port == node.port:
                 return n

@@ -232,3 +232,43 @@ path = /
     assert nodes_seen(30) == {"good"}
     health["status"] = "200 OK"
     wait_until(lambda: nodes_seen() == {"good", "flaky"}, timeout=10)
+
+
+def test_a_hung_node_is_out_of_rotation_within_a_few_seconds_and_shows_in_metrics(upstream, raw_upstream,
+                                                                                  gateway_process):
+    """The issue's shape: interval 1 s, timeout 0.5 s; a node that accepts and never
+    answers. After the first few seconds no request touches it (none waits for its
+    read_timeout of 30 s), and the checks show in /-/discovery and /-/metrics."""
+    hung = raw_upstream(lambda conn: time.sleep(60))
+    good = upstream(EchoApp("good"))
+    gw = gateway_process("serve", f"""
+[kproxy]
+read_timeout = 30
+
+[service:web]
+host = web.test
+nodes = 127.0.0.1:{good.port} 127.0.0.1:{hung.port}
+health_check_path = /healthz
+health_check_interval = 1
+health_check_timeout = 0.5
+retries = 0
+
+[api:web]
+service = web
+path = /
+""")
+    client = session()
+    hung_address = f"127.0.0.1:{hung.port}"
+
+    def out_of_rotation() -> bool:
+        checks = client.get(gw.url + "/-/discovery", timeout=5).json().get("health_checks", {})
+        node = checks.get("web", {}).get("nodes", {}).get(hung_address)
+        return node is not None and node["streak"] <= -3
+    wait_until(out_of_rotation, timeout=10)
+    started = time.monotonic()
+    answers = [client.get(gw.url + "/x", headers={"Host": "web.test"}, timeout=10) for _ in range(20)]
+    assert [a.status_code for a in answers] == [200] * 20 and {a.json()["node"] for a in answers} == {"good"}
+    assert time.monotonic() - started < 5  # none waited on the hung node
+    metrics = client.get(gw.url + "/-/metrics", timeout=5).text
+    assert 'kproxy_health_checks_total{result="fail",service="web"}' in metrics
+    assert 'kproxy_upstream_nodes{service="web",state="unhealthy"} 1.0' in metrics
