@@ -1,7 +1,13 @@
 """kproxy's benchmark suite: kproxy against the Python stack's ceiling, the werkzeug peer
-and nginx, in one run (never part of the tests).
+and nginx, in one run (never part of the tests); then long-lived traffic against nginx.
 
-    python bench/run.py [--rounds 5] [--duration 4] [--rounds-2w 3] [--chart docs/performance.png]
+    python bench/run.py [--only fast,slow,sse,ws] [--quick] [--rounds 5] [--duration 4]
+                        [--rounds-2w 3] [--chart docs/performance.png]
+                        [--chart-long-lived docs/performance-long-lived.png]
+
+Parts (``--only``, default all): ``fast``, short answers (1-4 below); ``slow``, ``sse`` and
+``ws``, long-lived traffic (5 below). ``--quick``: 2 rounds x 2 s of ``fast`` with 1 worker
+and no discovery, 1 slow-upstream round of 3 s and no cost-of-waiting runs.
 
 What it does (everything on 127.0.0.1; every process it starts is stopped at the end):
 
@@ -33,6 +39,17 @@ What it does (everything on 127.0.0.1; every process it starts is stopped at the
    per worker idle and after load, and of an idle worker on the seed config; route
    lookup (bench/route_lookup.py); discovery sync and convergence (bench/discovery.py);
    the targets of the performance issue with PASS/FAIL; a PNG chart.
+5. Long-lived traffic (issue #14), every kproxy on its default config, nginx as a reverse
+   proxy with upstream keep-alive and ``proxy_http_version 1.1`` in the same run:
+   ``slow``, 200 clients (``wrk -t2 -c200 -d5s``) on an upstream answering after 200 ms,
+   nginx, ``kproxy serve`` and gunicorn with ``conf/gunicorn.conf.py``, rounds alternating,
+   and the memory, threads and CPU of waiting requests; ``sse``, 200 event-stream clients
+   at once (bench/slow_upstreams.py); ``ws``, 1,000 WebSockets open through one ``kproxy
+   serve`` worker to a ``websockets`` echo server, then 100 of them echoing 20 messages
+   each, against nginx with the ``Upgrade`` headers set and the echo server asked
+   straight (bench/tunnels.py). Their tables, their targets with PASS/FAIL, and
+   ``docs/performance-long-lived.png``. The open-file limit is raised to the hard limit
+   for this process and what it starts.
 """
 
 from __future__ import annotations
@@ -54,10 +71,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from bench import _kube  # noqa: E402
+from bench import _kube, slow_upstreams, tunnels  # noqa: E402
 from bench._common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, LoadResult, Proc,  # noqa: E402
                            Upstream, connections_per_worker, cpu_snapshot, foreign_share, median, rss_mb, rst_table,
                            run_load, say, start_upstream, table, wait_http, wrk_path)
+from bench.slow_upstreams import _raise_nofile  # noqa: E402
 from kproxy_tools.common import children, free_ports  # noqa: E402
 
 CEILING, PEER, CEILING_KW = "ceiling", "peer", "ceiling-kproxy-worker"
@@ -71,6 +89,7 @@ LABELS = {
     KP_DISCOVERY: "kproxy, gunicorn, discovery node",
     NGINX: "nginx reverse proxy (reference)",
 }
+PARTS = ("fast", "slow", "sse", "ws")
 ORDER = [CEILING, CEILING_KW, PEER, KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX]
 KPROXY = (KP_GUNICORN, KP_SERVE, KP_DISCOVERY)
 
@@ -500,40 +519,134 @@ def chart(path: Path, one: dict, two: dict, skipped: dict[str, str], note: str) 
     plt.close(fig)
 
 
+# -- long-lived traffic (issue #14): bench/slow_upstreams.py and bench/tunnels.py --
+
+def long_lived(args: argparse.Namespace, parts: list[str], workdir: Path,
+               report: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The slow-upstream, event-stream and WebSocket runs, each with nginx in the same run,
+    every kproxy on its default config: target rows and RST parts; figures into ``report``."""
+    target_rows: list[list[str]] = []
+    rst_parts: list[str] = []
+    if "slow" in parts or "sse" in parts:
+        keys = [slow_upstreams.NGINX, slow_upstreams.SERVE, slow_upstreams.GUNICORN]
+        rounds = args.slow_rounds if "slow" in parts else 0
+        duration = 3.0 if args.quick else 5.0
+        holds = () if args.quick or "slow" not in parts else (200, 800)
+        say(f"\n== long-lived: {rounds} rounds x wrk -t2 -c200 -d{duration:g}s on a "
+            f"{slow_upstreams.DELAY * 1000:.0f} ms upstream; {200 if 'sse' in parts else 0} SSE clients; "
+            f"nginx, kproxy serve and gunicorn on their defaults")
+        slow_dir = workdir / "slow"
+        slow_dir.mkdir()
+        slow = slow_upstreams.measure(slow_dir, keys, rounds, duration, 200, 200 if "sse" in parts else 0, holds)
+        tables, checks = slow_upstreams.summary(slow, keys)
+        report["slow_upstreams"] = slow
+        for title, header, rows in tables:
+            say(f"\n{title}:\n" + table(rows, header))
+            rst_parts += [f"\n{title[0].upper()}{title[1:]}\n", rst_table(rows, header)]
+        target_rows += [[name, value, "PASS" if ok else "FAIL"] for name, value, ok in checks]
+    if "ws" in parts:
+        say(f"\n== WebSockets: {args.tunnels:,} open through one worker, 100 of them echo 20 messages each; "
+            "nginx, kproxy serve (defaults), the echo server straight, and kproxy serve with every handshake at once")
+        ws_dir = workdir / "ws"
+        ws_dir.mkdir()
+        ws = tunnels.measure(ws_dir, args.tunnels)
+        rows, _, checks = tunnels.rows_and_failures(ws, args.tunnels)
+        report["websockets"] = ws
+        title = f"{args.tunnels:,} WebSockets, 100 x 20 echoes"
+        say(f"\n{title}:\n" + table(rows, tunnels.HEADER))
+        rst_parts += [f"\n{title}\n", rst_table(rows, tunnels.HEADER)]
+        target_rows += [[name, value, "PASS" if ok else "FAIL"] for name, value, ok in checks]
+    if not args.no_chart:
+        note = (f"{report['command']} - {report['date']}, {os.cpu_count()} cores, shared machine, "
+                f"load average {report['loadavg_before']:.1f} before, {os.getloadavg()[0]:.1f} after")
+        try:
+            chart_long_lived(args.chart_long_lived, report, note)
+            say(f"\nchart: {args.chart_long_lived}")
+        except Exception:
+            say("chart failed (pip install matplotlib, or -e '.[bench]'):\n" + traceback.format_exc(limit=2))
+    return target_rows, rst_parts
+
+
+def chart_long_lived(path: Path, report: dict[str, Any], note: str) -> None:
+    """One panel per part that ran: slow upstream (req/s, p99), streams (event delay),
+    WebSockets (echo round trip, and kproxy's RSS growth and threads)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slow, ws = report.get("slow_upstreams", {}), report.get("websockets", {})
+    panels = [p for p, ok in (("slow", slow.get("summary")), ("sse", slow.get("sse")), ("ws", ws)) if ok]
+    if not panels:
+        return
+    colors = {"nginx": "#7f7f7f", "kproxy-serve": "#3b6ea8", "kproxy-gunicorn": "#6a9f58", "direct": "#d9a441"}
+    short = {"nginx": "nginx", "kproxy-serve": "kproxy\nserve", "kproxy-gunicorn": "kproxy\ngunicorn",
+             "direct": "no proxy", "kproxy-serve-burst": "kproxy serve,\nhandshakes\nat once"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "slow":
+            stats = slow["summary"]
+            keys = list(stats)
+            x = range(len(keys))
+            ax.bar(list(x), [stats[k]["rps"] for k in keys], 0.6, color=[colors[k] for k in keys])
+            for i, k in enumerate(keys):
+                ax.text(i, stats[k]["rps"] / 2, f"{stats[k]['rps']:,.0f} req/s\np50 {stats[k]['p50']:,.0f} ms\n"
+                        f"p99 {stats[k]['p99']:,.0f} ms", ha="center", va="center", fontsize=8, color="white")
+            ax.axhline(1000, color="#333333", ls=":", lw=1, label="ideal: 1,000 req/s")
+            if "nginx" in stats:
+                ax.axhline(0.9 * stats["nginx"]["rps"], color="#c96f4a", ls="--", lw=1, label="target >= 0.9 x nginx")
+            ax.set_xticks(list(x), [short[k] for k in keys], fontsize=8)
+            ax.set_ylim(0, 1250)
+            ax.set_ylabel("requests/s (median of rounds)")
+            ax.set_title("200 clients, upstream answers after 200 ms", fontsize=10)
+            ax.legend(fontsize=7, loc="upper right")
+        elif panel == "sse":
+            sse = slow["sse"]
+            keys = list(sse)
+            x = range(len(keys))
+            ax.bar([i - 0.2 for i in x], [sse[k]["delay_p50_ms"] or 0 for k in keys], 0.4, label="p50",
+                   color="#6a9f58")
+            ax.bar([i + 0.2 for i in x], [sse[k]["delay_p99_ms"] or 0 for k in keys], 0.4, label="p99",
+                   color="#c96f4a")
+            ax.axhline(100, color="#c96f4a", ls="--", lw=1, label="target: p99 <= 100 ms")
+            for i, k in enumerate(keys):
+                ax.text(i, (sse[k]["delay_p99_ms"] or 0) + 3, f"{sse[k]['complete']}/{sse[k]['clients']}\ncomplete",
+                        ha="center", fontsize=7)
+            ax.set_xticks(list(x), [short[k] for k in keys], fontsize=8)
+            ax.set_ylim(0, 130)
+            ax.set_ylabel("ms from the upstream's write to the client's read")
+            ax.set_title("200 event streams, 10 events each", fontsize=10)
+            ax.legend(fontsize=7, loc="upper left")
+        else:
+            keys = list(ws)
+            x = range(len(keys))
+            ax.bar([i - 0.2 for i in x], [ws[k]["p50_ms"] or 0 for k in keys], 0.4, label="p50", color="#6a9f58")
+            ax.bar([i + 0.2 for i in x], [ws[k]["p99_ms"] or 0 for k in keys], 0.4, label="p99", color="#c96f4a")
+            ax.axhline(50, color="#c96f4a", ls="--", lw=1, label="target: p99 <= 50 ms")
+            for i, k in enumerate(keys):
+                if k != "direct":
+                    ax.text(i, (ws[k]["p99_ms"] or 0) + 2, f"+{ws[k]['rss_growth_mb']:.1f} MB\n"
+                            f"{ws[k]['threads_open']} threads", ha="center", fontsize=7)
+            ax.set_xticks(list(x), [short[k] for k in keys], fontsize=8)
+            ax.set_ylabel("echo round trip, ms")
+            ax.set_ylim(0, max([70] + [(ws[k]["p99_ms"] or 0) * 1.3 for k in keys]))
+            ax.set_title(f"{max(r['opened'] for r in ws.values()):,} WebSockets open, 100 x 20 echoes", fontsize=10)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(note, fontsize=8, y=0.01, va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -- main --
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds with 1 worker (default 5)")
-    parser.add_argument("--rounds-2w", type=int, default=3, help="rounds with 2 workers (default 3; 0: skip)")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load run (default 4)")
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--max-other-cpu", type=float, default=0.15,
-                        help="a round is not counted when other processes took more than this share of the "
-                             "machine's CPU during one of its runs (default 0.15; 1 counts every round)")
-    parser.add_argument("--extra-rounds", type=int, default=None,
-                        help="rounds run at most in place of those not counted (default: as many as --rounds)")
-    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "performance.png",
-                        help="PNG chart to write (default docs/performance.png)")
-    parser.add_argument("--no-chart", action="store_true")
-    parser.add_argument("--no-discovery", action="store_true",
-                        help="skip the discovery contestant and bench/discovery.py")
-    parser.add_argument("--python-upstream", action="store_true", help="use the Python upstream even with nginx")
-    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
-    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    parser.add_argument("--rst", type=Path, help="write the tables as RST to this file (for docs/performance.rst)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.duration <= 0 or args.rounds > 50 or args.duration > 60:
-        parser.error("--rounds 1..50 and --duration up to 60 s")
-
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="kproxy-bench-"))
+def fast_suite(args: argparse.Namespace, workdir: Path, report: dict[str, Any],
+               started: float) -> tuple[list[list[str]], list[str]]:
+    """The short-answer suite (contestants, memory, route lookup, discovery): its target
+    rows and its RST parts; its figures go into ``report``."""
     notes: list[str] = []
-    say(f"kproxy benchmark: {args.rounds} rounds x {args.duration:g} s, -c{args.connections}; work dir {workdir}")
+    say(f"\n== short answers: {args.rounds} rounds x {args.duration:g} s, -c{args.connections}")
     load_before = os.getloadavg()
-    say(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before the run "
-        "(other work on the machine lowers and scatters the absolute figures; the ratios hold better)")
     if args.python_load:
         os.environ["KPROXY_BENCH_NO_WRK"] = "1"
     wrk = wrk_path()
@@ -546,9 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         say("load generator: " + notes[-1])
     env: Env | None = None
     skipped: dict[str, str] = {}
-    report: dict[str, Any] = {"command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "rounds": args.rounds, "rounds_2w": args.rounds_2w, "duration": args.duration,
-                              "connections": args.connections, "load_generator": "wrk" if wrk else "python"}
+    report.update({"rounds": args.rounds, "rounds_2w": args.rounds_2w, "duration": args.duration,
+                   "connections": args.connections, "load_generator": "wrk" if wrk else "python"})
     try:
         upstream = start_upstream(workdir, force_python=args.python_upstream)
         if upstream.kind == "nginx":
@@ -601,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"RESULTS  {report['command']}")
     say(f"kproxy code: {report.get('kproxy_code', 'unknown')}")
     load_after = os.getloadavg()
-    report["loadavg"] = [round(load_before[0], 2), round(load_after[0], 2)]
+    report["loadavg_fast"] = [round(load_before[0], 2), round(load_after[0], 2)]
     say(f"machine: {os.cpu_count()} cores, 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     say(f"upstream {upstream.kind}; load {'wrk -t1' if wrk else 'Python load generator'} -c{args.connections} "
         f"-d{args.duration:g}s; gunicorn gthread x {THREADS} threads, keep-alive {KEEPALIVE} s; "
@@ -660,14 +772,13 @@ def main(argv: list[str] | None = None) -> int:
             target_rows.append([name + " (discovery issue)", value, "PASS" if ok else "FAIL"])
         if disc.get("skipped"):
             target_rows.append(["discovery sync and convergence (discovery issue)", "skipped", "n/a"])
-    say("\n" + table(target_rows, ["target", "measured", ""]))
 
     report.update({"notes": notes, "other_cpu_rounds": [one.other, two.other],
                    "rejected_rounds": [one.rejected, two.rejected], "skipped": skipped, "one_worker": s1, "two_workers": s2,
                    "rss": {"idle_1w": one.idle_rss, "load_1w": one.load_rss, "idle_2w": two.idle_rss,
                            "load_2w": two.load_rss, "seed_idle": seed_rss, "seed_how": seed_how},
                    "route_lookup": routes_text, "route_5000_ratio": routes_ratio, "discovery": disc,
-                   "targets": target_rows, "seconds": round(time.monotonic() - started)})
+                   "targets": target_rows, "seconds_fast": round(time.monotonic() - started)})
     if not args.no_chart and s1:
         note = (f"{report['command']} - upstream {upstream.kind}, {'wrk' if wrk else 'Python load generator'} "
                 f"-c{args.connections}, gunicorn gthread {THREADS} threads; 2 cores, shared machine")
@@ -676,20 +787,96 @@ def main(argv: list[str] | None = None) -> int:
             say(f"\nchart: {args.chart}")
         except Exception:
             say("chart failed (pip install matplotlib, or -e '.[bench]'):\n" + traceback.format_exc(limit=2))
+    parts = [f"1 worker, {len(one.other)} rounds counted\n", rst_table(results_rows(s1, one, 1), results_header(1))]
+    if s2:
+        parts += [f"\n2 workers, {len(two.other)} rounds counted\n",
+                  rst_table(results_rows(s2, two, 2), results_header(2))]
+    parts += ["\nMemory\n", rst_table(mem_rows, mem_header)]
+    return target_rows, parts
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds with 1 worker (default 5)")
+    parser.add_argument("--rounds-2w", type=int, default=3, help="rounds with 2 workers (default 3; 0: skip)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load run (default 4)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--max-other-cpu", type=float, default=0.15,
+                        help="a round is not counted when other processes took more than this share of the "
+                             "machine's CPU during one of its runs (default 0.15; 1 counts every round)")
+    parser.add_argument("--extra-rounds", type=int, default=None,
+                        help="rounds run at most in place of those not counted (default: as many as --rounds)")
+    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "performance.png",
+                        help="PNG chart to write (default docs/performance.png)")
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--no-discovery", action="store_true",
+                        help="skip the discovery contestant and bench/discovery.py")
+    parser.add_argument("--python-upstream", action="store_true", help="use the Python upstream even with nginx")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--rst", type=Path, help="write the tables as RST to this file (for docs/performance.rst)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help="parts to run, comma-separated (default all): fast (short answers: the suite above), "
+                             "slow (200 clients on a 200 ms upstream), sse (200 event streams), ws (1,000 WebSockets)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quick pass: 2 rounds x 2 s with 1 worker only and no discovery; 1 slow-upstream "
+                             "round of 3 s, no cost-of-waiting runs; the SSE and WebSocket runs as always")
+    parser.add_argument("--slow-rounds", type=int, default=3, help="slow-upstream rounds (default 3)")
+    parser.add_argument("--tunnels", type=int, default=1000, help="WebSockets open at once (default 1,000)")
+    parser.add_argument("--chart-long-lived", type=Path, default=ROOT / "docs" / "performance-long-lived.png",
+                        help="PNG chart of the slow, sse and ws parts (default docs/performance-long-lived.png)")
+    args = parser.parse_args(argv)
+    parts = [part for part in args.only.split(",") if part]
+    if set(parts) - set(PARTS):
+        parser.error(f"--only takes {','.join(PARTS)}")
+    if args.quick:
+        args.rounds, args.rounds_2w, args.duration, args.no_discovery = min(args.rounds, 2), 0, 2.0, True
+        args.slow_rounds = 1
+    if args.rounds < 1 or args.duration <= 0 or args.rounds > 50 or args.duration > 60:
+        parser.error("--rounds 1..50 and --duration up to 60 s")
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="kproxy-bench-"))
+    _raise_nofile()  # 1,000 tunnels are 2,000+ descriptors in a proxy; what this starts inherits the limit
+    load_before = os.getloadavg()
+    say(f"kproxy benchmark: {', '.join(parts)}{' (quick)' if args.quick else ''}; work dir {workdir}")
+    say(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before the run "
+        "(other work on the machine lowers and scatters the absolute figures; the ratios hold better)")
+    report: dict[str, Any] = {"command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                              "parts": parts, "date": time.strftime("%Y-%m-%d %H:%M"),
+                              "loadavg_before": round(load_before[0], 2)}
+    report["kproxy_code"] = code_version()
+    say(f"kproxy code: {report['kproxy_code']}")
+    target_rows: list[list[str]] = []
+    rst_parts: list[str] = []
+    try:
+        if "fast" in parts:
+            rows, rst = fast_suite(args, workdir, report, started)
+            target_rows += rows
+            rst_parts += rst
+        if set(parts) & {"slow", "sse", "ws"}:
+            rows, rst = long_lived(args, parts, workdir, report)
+            target_rows += rows
+            rst_parts += rst
+    finally:
+        load_after = os.getloadavg()
+        report["loadavg"] = [round(load_before[0], 2), round(load_after[0], 2)]
+        if args.keep:
+            say(f"logs and configs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say(f"\nmachine: 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    say("\n" + table(target_rows, ["target", "measured", ""]))
+    report["targets"] = target_rows
+    report["seconds"] = round(time.monotonic() - started)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     if args.rst:
-        parts = [f"1 worker, {len(one.other)} rounds counted\n", rst_table(results_rows(s1, one, 1), results_header(1))]
-        if s2:
-            parts += [f"\n2 workers, {len(two.other)} rounds counted\n",
-                      rst_table(results_rows(s2, two, 2), results_header(2))]
-        parts += ["\nMemory\n", rst_table(mem_rows, mem_header), "\nTargets\n", rst_table(target_rows, ["target", "measured", ""])]
-        args.rst.write_text("\n".join(parts) + "\n")
+        rst_parts += ["\nTargets\n", rst_table(target_rows, ["target", "measured", ""])]
+        args.rst.write_text("\n".join(rst_parts) + "\n")
     say(f"\ndone in {time.monotonic() - started:.0f} s")
-    if args.keep:
-        say(f"logs and configs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

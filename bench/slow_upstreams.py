@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from bench._common import PYTHON, ROOT, Proc, cpu_snapshot, foreign_share, median, rss_mb, say, table, wait_http  # noqa: E402
+from bench._common import PYTHON, Proc, cpu_snapshot, foreign_share, median, rss_mb, say, table, wait_http  # noqa: E402
 from kproxy_tools.common import children, free_ports  # noqa: E402
 
 HOST = "slow.bench"
@@ -441,6 +441,121 @@ def fmt(value: Any, spec: str = ",.0f") -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
+def measure(workdir: Path, keys: list[str], rounds: int = 3, duration: float = 5.0, connections: int = 200,
+            sse: int = 200, holds: list[int] | tuple[int, ...] = (200, 800)) -> dict[str, Any]:
+    """The three measures over ``keys`` (contestants started in ``workdir``, stopped at the
+    end): ``rounds`` wrk runs each on ``/slow`` (0: none), ``sse`` event-stream clients (0:
+    none), the cost of each count of ``holds`` waiting requests. The report for ``summary``."""
+    _raise_nofile()
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "rounds": [], "sse": {}, "hold": {}, "cpu": {},
+                              "connections": connections, "duration": duration, "sse_clients": sse}
+    procs: list[Proc] = []
+    try:
+        upstream_port, = free_ports(1)
+        up = Proc("upstream", [PYTHON, __file__, "--role", "upstream", "--port", str(upstream_port)], workdir / "upstream.log")
+        procs.append(up)
+        wait_http(upstream_port, "/slow?delay=0", timeout=10, proc=up)
+        servers: dict[str, tuple[Proc, int, int]] = {}
+        for key in keys:
+            proc, port = start(key, workdir, upstream_port)
+            procs.append(proc)
+            servers[key] = (proc, port, worker_pid(key, proc))
+        cpu_per_request: dict[str, list[float]] = {k: [] for k in keys}
+        for r in range(rounds):
+            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            row: dict[str, Any] = {}
+            for key in order:
+                _, port, pid = servers[key]
+                before, cpu0 = cpu_snapshot(), proc_cpu(pid)
+                result = wrk(port, duration, connections)
+                cpu_per_request[key].append((proc_cpu(pid) - cpu0) / max(result["requests"], 1))
+                result["other_cpu"] = foreign_share(before, cpu_snapshot())
+                row[key] = result
+                say(f"  round {r + 1} {key:16} {result['rps']:7,.0f} req/s  p50 {result['p50_ms']:6.0f} ms  "
+                    f"p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}  (other CPU {result['other_cpu']:.0%})")
+                time.sleep(1.0)  # the connections of the run close
+            report["rounds"].append(row)
+        for key in keys if rounds else ():
+            report["cpu"][key] = median(cpu_per_request[key]) * 1e6  # µs per request
+        for key in keys if sse else ():
+            _, port, pid = servers[key]
+            report["sse"][key] = client_process("sse", port, sse)
+            s = report["sse"][key]
+            say(f"  SSE {key:16} {s['complete']}/{s['clients']} complete, delay p50 {fmt(s['delay_p50_ms'], '.1f')} "
+                f"p99 {fmt(s['delay_p99_ms'], '.1f')} max {fmt(s['delay_max_ms'], '.1f')} ms, head p50 "
+                f"{fmt(s['head_p50_ms'], '.1f')} max {fmt(s['head_max_ms'], '.1f')} ms {s['statuses']} {s['errors']}")
+        for key in keys if holds else ():
+            _, port, pid = servers[key]
+            report["hold"][key] = []
+            for n in holds:
+                time.sleep(1.0)
+                h = hold_cost(key, pid, port, n)
+                report["hold"][key].append(h)
+                say(f"  hold {key:16} {n:4} waiting: RSS {h['rss_idle_mb']:.1f} -> {h['rss_waiting_mb']:.1f} MB "
+                    f"({h['kib_per_request']:.0f} KiB each), threads {h['threads_idle']} -> {h['threads_waiting']}, "
+                    f"CPU {h['cpu_share_waiting']:.1%} while waiting {h['statuses']}")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    return report
+
+
+def summary(report: dict[str, Any], keys: list[str]) -> tuple[list[tuple[str, list[str], list[list[str]]]], list[tuple]]:
+    """The tables ``(title, header, rows)`` of a report, and its target checks
+    ``(name, measured, ok)``; ``report["summary"]`` gets the medians."""
+    rounds, tables, checks = report["rounds"], [], []
+    rows = []
+    for key in keys if rounds else ():
+        runs = [r[key] for r in rounds]
+        stats = {"rps": median([x["rps"] for x in runs]), "p50": median([x["p50_ms"] for x in runs]),
+                 "p99": median([x["p99_ms"] for x in runs]), "errors": sum(x["errors"] for x in runs)}
+        if NGINX in keys and key != NGINX:
+            stats["rps_ratio"] = median([r[key]["rps"] / r[NGINX]["rps"] for r in rounds])
+            stats["p99_ratio"] = median([r[key]["p99_ms"] / r[NGINX]["p99_ms"] for r in rounds])
+            checks.append((f"{key}, slow upstream: req/s >= {TARGETS['rps_ratio']} x nginx's", f"{stats['rps_ratio']:.2f}",
+                           stats["rps_ratio"] >= TARGETS["rps_ratio"]))
+            checks.append((f"{key}, slow upstream: p99 <= {TARGETS['p99_ratio']} x nginx's", f"{stats['p99_ratio']:.2f}",
+                           stats["p99_ratio"] <= TARGETS["p99_ratio"]))
+        if key != NGINX:
+            checks.append((f"{key}, slow upstream: 0 errors", str(stats["errors"]), not stats["errors"]))
+        report.setdefault("summary", {})[key] = stats
+        rows.append([LABELS[key], fmt(stats["rps"]), fmt(stats["p50"]), fmt(stats["p99"]), str(stats["errors"]),
+                     fmt(stats.get("rps_ratio"), ".2f"), fmt(stats.get("p99_ratio"), ".2f"),
+                     fmt(report["cpu"][key], ",.0f")])
+    if rows:
+        tables.append((f"slow upstream ({DELAY * 1000:.0f} ms; wrk -t2 -c{report['connections']} "
+                       f"-d{report['duration']:g}s), medians over {len(rounds)} rounds",
+                       ["contestant", "req/s", "p50 ms", "p99 ms", "errors", "req/s vs nginx", "p99 vs nginx",
+                        "CPU µs/req"], rows))
+    rows = []
+    for key in report["sse"]:
+        s = report["sse"][key]
+        rows.append([LABELS[key], f"{s['complete']}/{s['clients']}", f"{s['events']}", fmt(s["delay_p50_ms"], ".1f"),
+                     fmt(s["delay_p99_ms"], ".1f"), fmt(s["delay_max_ms"], ".1f"), fmt(s["head_max_ms"], ".1f")])
+        if key != NGINX:
+            checks.append((f"{key}, SSE: every client gets every event", f"{s['complete']}/{s['clients']}",
+                           s["complete"] == s["clients"]))
+            checks.append((f"{key}, SSE: event delay p99 <= {TARGETS['sse_p99_ms']:.0f} ms",
+                           fmt(s["delay_p99_ms"], ".1f") + " ms",
+                           (s["delay_p99_ms"] or 1e9) <= TARGETS["sse_p99_ms"]))
+    if rows:
+        tables.append((f"event streams ({report['sse_clients']} clients at once, {EVENTS} events "
+                       f"{EVERY * 1000:.0f} ms apart)",
+                       ["contestant", "clients with every event", "events", "delay p50 ms", "delay p99 ms",
+                        "delay max ms", "head max ms"], rows))
+    rows = []
+    for key in report["hold"]:
+        for h in report["hold"][key]:
+            rows.append([LABELS[key], str(h["clients"]), fmt(h["rss_idle_mb"], ".1f"), fmt(h["rss_waiting_mb"], ".1f"),
+                         fmt(h["kib_per_request"], ".0f"), f"{h['threads_idle']} -> {h['threads_waiting']}",
+                         fmt(h["cpu_share_waiting"] * 100, ".1f"), json.dumps(h["statuses"])])
+    if rows:
+        tables.append(("cost of waiting requests (one worker)",
+                       ["contestant", "waiting", "RSS idle MB", "RSS waiting MB", "KiB each", "threads",
+                        "CPU % waiting", "answers"], rows))
+    return tables, checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -466,112 +581,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "hold":
         print(json.dumps(asyncio.run(hold_clients(args.port, args.clients, args.path))))
         return 0
-    _raise_nofile()
     keys = [k for k in args.only.split(",") if k]
     holds = [int(n) for n in args.hold.split(",") if n]
     workdir = Path(tempfile.mkdtemp(prefix="kproxy-slow-"))
     say(f"slow upstreams: {args.rounds} rounds x wrk -t2 -c{args.connections} -d{args.duration:g}s, "
         f"upstream answers after {DELAY * 1000:.0f} ms; {args.sse_clients} SSE clients; work dir {workdir}")
     say(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "rounds": [], "sse": {}, "hold": {}, "cpu": {}}
-    procs: list[Proc] = []
     try:
-        upstream_port, = free_ports(1)
-        up = Proc("upstream", [PYTHON, __file__, "--role", "upstream", "--port", str(upstream_port)], workdir / "upstream.log")
-        procs.append(up)
-        wait_http(upstream_port, "/slow?delay=0", timeout=10, proc=up)
-        servers: dict[str, tuple[Proc, int, int]] = {}
-        for key in keys:
-            proc, port = start(key, workdir, upstream_port)
-            procs.append(proc)
-            servers[key] = (proc, port, worker_pid(key, proc))
-        cpu_per_request: dict[str, list[float]] = {k: [] for k in keys}
-        for r in range(args.rounds):
-            order = keys[r % len(keys):] + keys[:r % len(keys)]
-            row: dict[str, Any] = {}
-            for key in order:
-                _, port, pid = servers[key]
-                before, cpu0 = cpu_snapshot(), proc_cpu(pid)
-                result = wrk(port, args.duration, args.connections)
-                cpu_per_request[key].append((proc_cpu(pid) - cpu0) / max(result["requests"], 1))
-                result["other_cpu"] = foreign_share(before, cpu_snapshot())
-                row[key] = result
-                say(f"  round {r + 1} {key:16} {result['rps']:7,.0f} req/s  p50 {result['p50_ms']:6.0f} ms  "
-                    f"p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}  (other CPU {result['other_cpu']:.0%})")
-                time.sleep(1.0)  # the connections of the run close
-            report["rounds"].append(row)
-        for key in keys:
-            report["cpu"][key] = median(cpu_per_request[key]) * 1e6  # µs per request
-        for key in keys if args.sse_clients else ():
-            _, port, pid = servers[key]
-            report["sse"][key] = client_process("sse", port, args.sse_clients)
-            s = report["sse"][key]
-            say(f"  SSE {key:16} {s['complete']}/{s['clients']} complete, delay p50 {fmt(s['delay_p50_ms'], '.1f')} "
-                f"p99 {fmt(s['delay_p99_ms'], '.1f')} max {fmt(s['delay_max_ms'], '.1f')} ms, head p50 "
-                f"{fmt(s['head_p50_ms'], '.1f')} max {fmt(s['head_max_ms'], '.1f')} ms {s['statuses']} {s['errors']}")
-        for key in keys:
-            _, port, pid = servers[key]
-            report["hold"][key] = []
-            for n in holds:
-                time.sleep(1.0)
-                h = hold_cost(key, pid, port, n)
-                report["hold"][key].append(h)
-                say(f"  hold {key:16} {n:4} waiting: RSS {h['rss_idle_mb']:.1f} -> {h['rss_waiting_mb']:.1f} MB "
-                    f"({h['kib_per_request']:.0f} KiB each), threads {h['threads_idle']} -> {h['threads_waiting']}, "
-                    f"CPU {h['cpu_share_waiting']:.1%} while waiting {h['statuses']}")
+        report = measure(workdir, keys, args.rounds, args.duration, args.connections, args.sse_clients, holds)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         if not args.keep:
             import shutil
             shutil.rmtree(workdir, ignore_errors=True)
-    return report_and_verdict(report, keys, args)
-
-
-def report_and_verdict(report: dict[str, Any], keys: list[str], args: argparse.Namespace) -> int:
-    rounds = report["rounds"]
-    rows, failures = [], []
-    for key in keys:
-        runs = [r[key] for r in rounds]
-        stats = {"rps": median([x["rps"] for x in runs]), "p50": median([x["p50_ms"] for x in runs]),
-                 "p99": median([x["p99_ms"] for x in runs]), "errors": sum(x["errors"] for x in runs)}
-        if NGINX in keys and key != NGINX:
-            stats["rps_ratio"] = median([r[key]["rps"] / r[NGINX]["rps"] for r in rounds])
-            stats["p99_ratio"] = median([r[key]["p99_ms"] / r[NGINX]["p99_ms"] for r in rounds])
-            if stats["rps_ratio"] < TARGETS["rps_ratio"]:
-                failures.append(f"{key}: req/s {stats['rps_ratio']:.2f} x nginx < {TARGETS['rps_ratio']}")
-            if stats["p99_ratio"] > TARGETS["p99_ratio"]:
-                failures.append(f"{key}: p99 {stats['p99_ratio']:.2f} x nginx > {TARGETS['p99_ratio']}")
-        if key != NGINX and stats["errors"]:
-            failures.append(f"{key}: {stats['errors']} errors")
-        report.setdefault("summary", {})[key] = stats
-        rows.append([LABELS[key], fmt(stats["rps"]), fmt(stats["p50"]), fmt(stats["p99"]), str(stats["errors"]),
-                     fmt(stats.get("rps_ratio"), ".2f"), fmt(stats.get("p99_ratio"), ".2f"),
-                     fmt(report["cpu"][key], ",.0f")])
-    say("\nslow upstream (200 ms), medians over rounds:")
-    say(table(rows, ["contestant", "req/s", "p50 ms", "p99 ms", "errors", "req/s vs nginx", "p99 vs nginx",
-                     "CPU µs/req"]))
-    rows = []
-    for key in report["sse"]:
-        s = report["sse"][key]
-        rows.append([LABELS[key], f"{s['complete']}/{s['clients']}", f"{s['events']}", fmt(s["delay_p50_ms"], ".1f"),
-                     fmt(s["delay_p99_ms"], ".1f"), fmt(s["delay_max_ms"], ".1f"), fmt(s["head_max_ms"], ".1f")])
-        if key != NGINX and (s["complete"] != s["clients"] or (s["delay_p99_ms"] or 1e9) > TARGETS["sse_p99_ms"]):
-            failures.append(f"{key}: SSE {s['complete']}/{s['clients']} complete, p99 {s['delay_p99_ms']} ms")
-    say(f"\nevent streams ({args.sse_clients} clients at once, {EVENTS} events {EVERY * 1000:.0f} ms apart):")
-    say(table(rows, ["contestant", "clients with every event", "events", "delay p50 ms", "delay p99 ms",
-                     "delay max ms", "head max ms"]))
-    rows = []
-    for key in keys:
-        for h in report["hold"][key]:
-            rows.append([LABELS[key], str(h["clients"]), fmt(h["rss_idle_mb"], ".1f"), fmt(h["rss_waiting_mb"], ".1f"),
-                         fmt(h["kib_per_request"], ".0f"), f"{h['threads_idle']} -> {h['threads_waiting']}",
-                         fmt(h["cpu_share_waiting"] * 100, ".1f"), json.dumps(h["statuses"])])
-    say("\ncost of waiting requests (one worker):")
-    say(table(rows, ["contestant", "waiting", "RSS idle MB", "RSS waiting MB", "KiB each", "threads",
-                     "CPU % waiting", "answers"]))
+    tables, checks = summary(report, keys)
+    for title, header, rows in tables:
+        say(f"\n{title}:")
+        say(table(rows, header))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+    failures = [f"{name}: {value}" for name, value, ok in checks if not ok]
     say("\n" + ("targets: PASS" if not failures else "targets: FAIL\n  " + "\n  ".join(failures)))
     return 1 if failures else 0
 
