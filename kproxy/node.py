@@ -34,6 +34,14 @@ class Node:
     weight: int = 1
     placement: Placement | None = field(default=None, repr=False)
     terminating: bool = field(default=False, repr=False)  # serving, not ready: the service drains
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the balancer looks nodes up several times per request: hash the fields once
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.weight, self.placement, self.terminating)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def zone(self) -> str | None:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import IO, TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from .node import Node
 from .transport import ConnectFailed, UpstreamFailure, UpstreamResponse
@@ -164,10 +164,15 @@ class Upstream:
                 self._adopt(nodes)
             now = self._clock()
             ejected, unhealthy = self._ejected, self._unhealthy
-            candidates: list[Node] = []
+            candidates: Sequence[Node] = ()
             for tier in self._tiers:
-                candidates = [n for n in tier if n not in exclude and n not in unhealthy
-                              and ejected.get(n, 0.0) <= now]
+                if ejected or unhealthy:
+                    candidates = [n for n in tier if n not in exclude and n not in unhealthy
+                                  and ejected.get(n, 0.0) <= now]
+                elif exclude:
+                    candidates = [n for n in tier if n not in exclude]
+                else:  # the common case: nothing tried, ejected or unhealthy
+                    candidates = tier
                 if candidates:
                     break
             if not candidates:
@@ -180,13 +185,15 @@ class Upstream:
             ramps = self._ramp_from
             total = 0.0
             best = candidates[0]
+            best_current = float("-inf")
             for node in candidates:
-                weight = node.weight if node not in ramps else node.weight * self._ramp(node, now)
-                current[node] += weight
+                weight = node.weight if not ramps or node not in ramps else node.weight * self._ramp(node, now)
+                value = current[node] + weight
+                current[node] = value
                 total += weight
-                if current[node] > current[best]:
-                    best = node
-            current[best] -= total
+                if value > best_current:
+                    best, best_current = node, value
+            current[best] = best_current - total
             return best
 
     def _ramp(self, node: Node, now: float) -> float:

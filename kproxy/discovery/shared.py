@@ -147,7 +147,7 @@ def read_frame(reader: Any) -> bytes | None:
     return payload
 
 
-_NODE_FIELDS = dataclasses.fields(Node)
+_NODE_FIELDS = [f for f in dataclasses.fields(Node) if f.init]  # what Node(...) takes
 _NODE_DEFAULTS = [f.default for f in _NODE_FIELDS]
 _RECORD = struct.Struct("!HHI")  # namespace, name and view lengths
 
