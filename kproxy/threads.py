@@ -9,8 +9,9 @@ wait for a free one.
 
 Every request in progress holds a thread: while its upstream thinks (a slow report, a
 long poll) and while a stream is relayed. So the bound is high (``threads``, 1024 by
-default) and threads are made only when every one made so far is busy: an idle worker has
-a few, a worker that once served 200 slow requests at once keeps 200. What a waiting
+default) and threads are made only when every one made so far is busy, and end after
+``IDLE_TIMEOUT`` seconds without a request: an idle worker has a few, a worker that just
+served 200 slow requests at once keeps 200 until they have been idle that long. What a waiting
 request costs, and what the bound means, is in docs/performance.rst.
 
 Compared with ``concurrent.futures.ThreadPoolExecutor`` (which gthread uses, and which
@@ -36,6 +37,11 @@ from typing import Any, Callable
 
 log = logging.getLogger("kproxy")
 
+# A thread idle this long ends: a burst (a thousand WebSocket handshakes at once) leaves
+# no thousand threads behind. The last idle thread takes the next request, so under a
+# steady load the few hot threads never wait this long and are never remade.
+IDLE_TIMEOUT = 10.0
+
 
 class _Slot:
     """One thread's mailbox: its next job, and the lock it sleeps on until one comes."""
@@ -55,6 +61,7 @@ class RequestThreads:
         self.queue_timeout = queue_timeout  # 0: wait however long it takes
         self.refuse = refuse  # called instead of the job, with its arguments, when it waited too long
         self.name = name
+        self.idle_timeout = IDLE_TIMEOUT
         self.started = 0   # threads made so far (never more than limit)
         self._idle: list[_Slot] = []  # last idle last: the next to take a job
         self._queue: collections.deque[tuple[float, Callable[..., Any], tuple[Any, ...]]] = collections.deque()
@@ -115,7 +122,12 @@ class RequestThreads:
                 if self._stopping:
                     break
                 self._idle.append(slot)
-            slot.wake.acquire()
+            if not slot.wake.acquire(timeout=self.idle_timeout):
+                with self._lock:  # idle too long: this thread ends, unless a job came just now
+                    if slot in self._idle:
+                        self._idle.remove(slot)
+                        break
+                slot.wake.acquire()  # submit() chose this slot as the wait ended: take its job
             job, slot.job = slot.job, None
         with self._lock:
             self.started -= 1

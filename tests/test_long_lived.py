@@ -174,6 +174,28 @@ def test_a_request_that_waited_past_queue_timeout_is_refused_not_served():
         pool.shutdown()
 
 
+def test_threads_made_for_a_burst_end_once_idle_and_the_pool_still_serves():
+    pool = RequestThreads(limit=32)
+    pool.idle_timeout = 0.3
+    try:
+        gate = threading.Event()
+        for _ in range(20):  # a burst: 20 threads at once
+            pool.submit(gate.wait, 5)
+        deadline = time.monotonic() + 5
+        while pool.started < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.started == 20
+        gate.set()
+        while pool.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool.started == 0  # idle past idle_timeout: every one ended
+        done = threading.Event()
+        pool.submit(done.set)  # and a new request gets a new thread
+        assert done.wait(5) and pool.started == 1
+    finally:
+        pool.shutdown()
+
+
 def test_shutdown_ends_the_idle_threads():
     pool = RequestThreads(limit=4)
     done = threading.Event()
