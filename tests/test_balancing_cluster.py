@@ -38,29 +38,8 @@ def test_prefer_zone_follows_v1beta1_topology_and_falls_back_without_errors(kube
     kube.apply(zoned_slice(namespace, "web-b", far.port, "zone-b"))
     token = tmp_path / "token"
     token.write_text(kube.admin_token)
-    gw = gateway_process("serve", f"""
-[kproxy]
-zone = zone-a
-
-[registry:k]
-type = kubernetes
-api_server = {kube.url}
-token_file = {token}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-
-[service:web]
-host = web.test
-registry = k
-namespace = {namespace}
-service_name = web
-port = 80
-topology = prefer-zone
-
-[api:web]
-service = web
-path = /
-""")
+    gw = gateway_process("serve", discovery_config(kube, namespace, token, "topology = prefer-zone",
+                                                   kproxy="zone = zone-a"))
     client = session()
 
     def served_by(count: int) -> collections.Counter:
