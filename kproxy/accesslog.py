@@ -52,7 +52,7 @@ _second, _second_text = -1, ""
 
 
 def fields(record: RequestRecord) -> dict:
-    return {
+    out = {
         "time": _now(),
         "client": record.client,
         "method": record.method,
@@ -68,6 +68,9 @@ def fields(record: RequestRecord) -> dict:
         "request_id": record.request_id,
         "error": record.error,
     }
+    if record.bytes_received is not None:  # a tunnel: the bytes each way
+        out["bytes_received"] = record.bytes_received
+    return out
 
 
 def _text(e: RequestRecord) -> str:
@@ -77,6 +80,8 @@ def _text(e: RequestRecord) -> str:
     seconds = "-" if e.upstream_seconds is None else f"{e.upstream_seconds:.4f}"
     line = (f'{_now()} {e.client} "{e.method} {_printable(e.path)}" {e.status} {e.bytes_sent} '
             f'{time.perf_counter() - e.started:.4f} {e.service} {e.api} {upstream} {seconds} rid={e.request_id}')
+    if e.bytes_received is not None:  # a tunnel: bytes from the client too
+        line += f" received={e.bytes_received}"
     if e.error:
         line += f' error="{_printable(e.error)}"'
     return line

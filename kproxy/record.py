@@ -26,6 +26,7 @@ class RequestRecord:
     upstream_seconds: float | None = None
     status: int = 0
     bytes_sent: int = 0
+    bytes_received: int | None = None  # from the client, counted for tunnels (a request body: None)
     attempts: int = 0
     failures: list[str] = field(default_factory=list)  # UpstreamFailure kinds, in order
     ejections: int = 0

@@ -248,7 +248,7 @@ class Relay:
             except OSError:
                 pass
         record = tunnel.record
-        record.bytes_sent = tunnel.upstream.received
+        record.bytes_sent, record.bytes_received = tunnel.upstream.received, tunnel.client.received
         if tunnel.why:
             record.error = f"tunnel closed: {tunnel.why}"
         try:

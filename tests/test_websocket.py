@@ -436,7 +436,10 @@ def test_the_tunnel_is_counted_and_logged_when_it_closes(gateway):
 
     def logged() -> bool:
         text = (gateway.log_dir / f"{gateway.kind}.stdout").read_text(errors="replace")
-        return bool(re.search(r'"GET /ws/echo/log-\d+" 101 \d+ \S+ ws ws 127\.0\.0\.1:\d+ 101', text))
+        # one line when it closes: its duration, and the bytes each way (a 10-byte text frame
+        # from the client is 16 bytes masked, plus its close frame)
+        return bool(re.search(r'"GET /ws/echo/log-\d+" 101 [1-9]\d* \S+ ws ws 127\.0\.0\.1:\d+ 101 .* '
+                              r'received=(1[6-9]|[2-9]\d|\d{3,})\b', text))
     wait_until(logged, timeout=5)
 
 
