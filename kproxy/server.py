@@ -26,6 +26,7 @@ is the same server with the same hooks, so both behave alike:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -143,6 +144,7 @@ def when_ready(server: Any) -> None:
     # gunicorn's own HUP starts new workers, which would list every registry again;
     # reload in place instead (see module docstring)
     _handoff_dir = tempfile.mkdtemp(prefix="kproxy-reload-")  # 0700: the config may hold a token
+    os.environ["KPROXY_RELOAD_STATUS"] = os.path.join(_handoff_dir, "reload.json")  # for the dashboard
     server.reload = lambda: _reload_workers(server)
     for warning in _current.warnings if _current else ():  # what `kproxy check` warns of
         server.log.warning("%s", warning)
@@ -215,12 +217,14 @@ def _reload_workers(server: Any) -> None:
         for problem in e.problems:  # file, section, key: a Problem quotes no secret
             server.log.error("reload refused: %s", problem)
         server.log.error("reload refused: %s is invalid; the running config stays", path)
+        _record_reload(path, f"refused: {len(e.problems)} problems (see the log)")
         return
     try:
         _hand_over(data)
     except OSError as e:  # e.g. a tmp cleaner removed the directory
         server.log.error("reload refused: cannot hand %s over to the workers (%s); the running config stays",
                          path, e)
+        _record_reload(path, "refused: cannot hand the config over to the workers")
         return
     for key in configmod.restart_needed(_started.gateway, config.gateway) if _started else ():
         server.log.warning("reload: [kproxy] %s changed; it takes effect after a restart", key)
@@ -234,6 +238,22 @@ def _reload_workers(server: Any) -> None:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
             pass
+    _record_reload(path, "ok")
+
+
+def _record_reload(path: str, result: str) -> None:
+    """What the master made of a HUP, for every worker's dashboard (a refused reload never
+    reaches the workers otherwise). Names the file and the count of problems, never them."""
+    status = os.environ.get("KPROXY_RELOAD_STATUS")
+    if not status:
+        return
+    try:
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(status))
+        with os.fdopen(fd, "w") as f:
+            json.dump({"time": time.time(), "result": result, "config_file": path}, f)
+        os.replace(temporary, status)
+    except OSError:
+        pass  # the dashboard then shows the last reload a worker applied
 
 
 def _hand_over(data: bytes) -> None:

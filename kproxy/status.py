@@ -13,6 +13,7 @@ would. Nothing is counted twice and nothing runs while no one looks.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -53,7 +54,7 @@ os.register_at_fork(after_in_child=_forked)
 @dataclass
 class Reload:
     time: float
-    result: str          # "ok"
+    result: str          # "ok", or "refused: ..." (by the master)
     config_file: str
 
 
@@ -64,6 +65,22 @@ def record_reload(config_file: str) -> None:
     """Gateway.reload calls this once the new config serves."""
     global _last_reload
     _last_reload = Reload(time.time(), "ok", config_file)
+
+
+def last_reload() -> Reload | None:
+    """The newer of what this worker applied and what the gunicorn master last made of a
+    HUP (``$KPROXY_RELOAD_STATUS``, written by kproxy.server): a refused reload shows too."""
+    master = None
+    path = os.environ.get("KPROXY_RELOAD_STATUS")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            master = Reload(float(data["time"]), str(data["result"]), str(data["config_file"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            master = None
+    known = [r for r in (_last_reload, master) if r is not None]
+    return max(known, key=lambda r: r.time) if known else None
 
 
 # -- traffic: counter totals, sampled on demand --
@@ -222,8 +239,8 @@ def status(config: Config, upstreams: Mapping[str, Upstream], registries: Mappin
             "metrics_from_all_workers": bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")),
             "started": _started, "uptime_seconds": round(now - _started, 1),
             "config_file": config.path, "config_loaded": loaded,
-            "last_reload": ({"time": _last_reload.time, "result": _last_reload.result,
-                             "config_file": _last_reload.config_file} if _last_reload else None),
+            "last_reload": ({"time": reload.time, "result": reload.result,
+                             "config_file": reload.config_file} if (reload := last_reload()) else None),
         },
     }
 

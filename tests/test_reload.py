@@ -172,6 +172,25 @@ def test_a_refused_reload_logs_where_each_problem_is_and_never_the_token(gateway
 
 
 @pytest.mark.parametrize("kind", ["serve", "gunicorn"])
+def test_every_worker_reports_the_last_reload_and_its_result_even_when_refused(gateway_process, nodes, kind):
+    gw = gateway_process(kind, ini(nodes[0]))
+
+    def last_reloads() -> list:
+        # a fresh connection each: both workers answer in a few tries
+        answers = [session().get(gw.url + "/-/status", headers={"Connection": "close"}, timeout=5).json()
+                   for _ in range(8)]
+        return [a["process"]["last_reload"] for a in answers]
+    assert last_reloads() == [None] * 8
+    gw.config_path.write_text("[kproxy]\nthreads = many\n")
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: all(r and r["result"].startswith("refused") for r in last_reloads()), timeout=15)
+    gw.config_path.write_text(ini(nodes[1]))
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: all(r and r["result"] == "ok" for r in last_reloads()), timeout=15)
+    assert {r["config_file"] for r in last_reloads()} == {str(gw.config_path)}
+
+
+@pytest.mark.parametrize("kind", ["serve", "gunicorn"])
 def test_a_config_refused_at_start_quotes_no_token(tmp_path, kind):
     config = tmp_path / "kproxy.ini"
     config.write_text(f"[registry:r]\ntype = kubernetes\napi_server = https://10.0.0.1:6443\ntoken =\n{JWT}\n")
