@@ -22,7 +22,7 @@ import pytest
 
 from kproxy import status as statusmod
 
-from .conftest import ROOT, EchoApp, closed_port, session, wait_until
+from .conftest import ROOT, EchoApp, closed_port, raw_http, session, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
@@ -425,7 +425,8 @@ def test_quantiles_and_rates_come_from_bucket_and_counter_differences():
 
 # -- Grafana --
 
-def test_grafana_dashboard_queries_only_metrics_kproxy_exports(gateway_process, upstream, kube, namespace, tmp_path):
+def test_grafana_dashboard_queries_only_metrics_kproxy_exports(gateway_process, upstream, raw_upstream, kube,
+                                                              namespace, tmp_path):
     dashboard = json.loads(GRAFANA.read_text())
     assert dashboard["title"] and dashboard["uid"] and dashboard["panels"]
     expressions = [t["expr"] for p in _panels(dashboard["panels"]) for t in p.get("targets", ())]
@@ -436,7 +437,30 @@ def test_grafana_dashboard_queries_only_metrics_kproxy_exports(gateway_process, 
     node = upstream(EchoApp("a"))
     token_file = tmp_path / "token"
     token_file.write_text(kube.admin_token)
+    def switch_then_close(conn) -> None:  # the tunnel ends at once: its client sees the end too
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo-protocol\r\nConnection: Upgrade\r\n\r\n")
+        conn.close()
+    switching = raw_upstream(switch_then_close)
     ini = static_ini(node.address) + f"""
+[service:checked]
+host = checked.test
+nodes = {node.address}
+health_check_path = /healthz
+health_check_interval = 0.2
+health_check_timeout = 0.1
+
+[api:checked]
+service = checked
+path = /
+
+[service:tunnel]
+host = tunnel.test
+nodes = {switching.address}
+
+[api:tunnel]
+service = tunnel
+path = /
+
 [registry:k]
 type = kubernetes
 api_server = {kube.url}
@@ -450,6 +474,11 @@ namespace_pattern = {namespace}
     for i in range(6):  # weight 2 on the dead node: it is picked, refuses, is ejected and retried
         client.get(gw.url + f"/{i}", headers={"Host": "web.test"}, timeout=5)
     client.get(gw.url + "/none", headers={"Host": "nowhere.test"}, timeout=5)
+    # a tunnel opened and closed
+    answer = raw_http(gw.port, b"GET /t HTTP/1.1\r\nHost: tunnel.test\r\nConnection: Upgrade\r\n"
+                               b"Upgrade: echo-protocol\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 101 "), answer[:100]
+    wait_until(lambda: "kproxy_health_checks_total" in client.get(gw.url + "/-/metrics", timeout=5).text)
     text = client.get(gw.url + "/-/metrics", timeout=5).text
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert used - exported == set(), f"queried but not exported: {sorted(used - exported)}"
