@@ -210,6 +210,10 @@ class GatewayProcess:
             time.sleep(0.1)
         raise AssertionError(f"{self.kind} did not start:\n{self.logs()}")
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until ``/-/readyz`` answers 200: every registry has listed once."""
+        wait_until(lambda: session().get(self.url + "/-/readyz", timeout=5).status_code == 200, timeout=timeout)
+
     def pids(self) -> list[int]:
         """The process and its children (gunicorn workers)."""
         assert self.process is not None
@@ -274,6 +278,55 @@ def kube():
     server.stop()
 
 
+@pytest.fixture
+def token_file(kube, tmp_path) -> Path:
+    """A file holding the test API server's admin token, as a pod's service-account token."""
+    path = tmp_path / "token"
+    path.write_text(kube.admin_token)
+    return path
+
+
+def ini_lines(options: dict) -> str:
+    return "".join(f"{key} = {value}\n" for key, value in options.items())
+
+
+def kube_registry(kube, namespace: str, token_file, api_server: str | None = None, **options) -> str:
+    """``[registry:k]`` on the test API server (or ``api_server``, a relay in front of it)
+    watching ``namespace``, with any further registry ``options``."""
+    return f"""
+[registry:k]
+type = kubernetes
+api_server = {api_server or kube.url}
+token_file = {token_file}
+ca_file = {kube.ca_file}
+namespace_pattern = {namespace}
+{ini_lines(options)}"""
+
+
+def discovery_ini(kube, namespace: str, token_file, service: str = "echo", *, host: str | None = None,
+                  port: str = "http", api_server: str | None = None, kproxy: dict | None = None,
+                  registry: dict | None = None, cluster: dict | None = None) -> str:
+    """A config whose ``[service:<service>]`` is the Kubernetes Service of that name in
+    ``namespace``, found by ``[registry:k]`` and routed at ``/`` for host
+    ``<service>.test`` (``host=""``: any host). ``kproxy``, ``registry`` and ``cluster``
+    add options to the [kproxy], [registry:k] and [service:<service>] sections."""
+    host = f"{service}.test" if host is None else host
+    return f"""
+[kproxy]
+{ini_lines(kproxy or {})}{kube_registry(kube, namespace, token_file, api_server, **(registry or {}))}
+[service:{service}]
+{f"host = {host}" if host else ""}
+registry = k
+namespace = {namespace}
+service_name = {service}
+port = {port}
+{ini_lines(cluster or {})}
+[api:{service}]
+service = {service}
+path = /
+"""
+
+
 _namespaces = iter(range(1, 1_000_000))
 
 
@@ -286,6 +339,80 @@ def namespace(kube, request) -> Iterable[str]:
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
     kube.delete({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+
+class TcpRelay:
+    """Plain TCP pass-through to the API server (bytes untouched, TLS end to end), so a
+    test can cut kproxy's connections or refuse new ones while the server stays up."""
+
+    def __init__(self, target_port: int):
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._open = True
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                if not self._open:
+                    raise OSError("relay paused")
+                server = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:  # a pause that came while connecting must not miss this pair
+                if not self._open:
+                    client.close()
+                    server.close()
+                    continue
+                self._sockets |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Drop every open connection (new ones are accepted unless paused)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._open = False
+        self.cut()
+
+    def resume(self) -> None:
+        self._open = True
+
+    def close(self) -> None:
+        self.pause()
+        self._listener.close()
 
 
 class RawUpstream:

@@ -16,7 +16,7 @@ import time
 from kproxy.discovery.endpoints import build_view, trim_service, trim_slice
 from kproxy.upstream import Upstream
 
-from .conftest import EchoApp, session, wait_until
+from .conftest import EchoApp, discovery_ini, session, wait_until
 
 BETA = "discovery.k8s.io/v1beta1"
 
@@ -30,16 +30,14 @@ def zoned_slice(namespace: str, name: str, port: int, zone: str, ready: bool = T
 
 
 def test_prefer_zone_follows_v1beta1_topology_and_falls_back_without_errors(kube, namespace, upstream,
-                                                                              gateway_process, tmp_path):
+                                                                              gateway_process, token_file):
     near, far = upstream(EchoApp("near")), upstream(EchoApp("far"))
     kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": namespace},
                 "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
     kube.apply(zoned_slice(namespace, "web-a", near.port, "zone-a"))
     kube.apply(zoned_slice(namespace, "web-b", far.port, "zone-b"))
-    token = tmp_path / "token"
-    token.write_text(kube.admin_token)
-    gw = gateway_process("serve", discovery_config(kube, namespace, token, "topology = prefer-zone",
-                                                   kproxy="zone = zone-a"))
+    gw = gateway_process("serve", discovery_ini(kube, namespace, token_file, "web", port=80,
+                                                kproxy={"zone": "zone-a"}, cluster={"topology": "prefer-zone"}))
     client = session()
 
     def served_by(count: int) -> collections.Counter:
@@ -47,7 +45,7 @@ def test_prefer_zone_follows_v1beta1_topology_and_falls_back_without_errors(kube
         assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
         return collections.Counter(a.json()["node"] for a in answers)
 
-    wait_until(lambda: client.get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    gw.wait_ready()
     wait_until(lambda: served_by(1) == {"near": 1}, timeout=10)
     assert served_by(20) == {"near": 20}
     dump = client.get(gw.url + "/-/discovery", timeout=5).json()["registries"]["k"]["services"][f"{namespace}/web"]
@@ -118,45 +116,18 @@ def test_recorded_v1_zone_and_traffic_distribution_without_hints():
     assert len({anywhere.pick().host for _ in range(20)}) == 3
 
 
-def discovery_config(kube, namespace: str, token, extra: str = "", kproxy: str = "") -> str:
-    return f"""
-[kproxy]
-{kproxy}
-
-[registry:k]
-type = kubernetes
-api_server = {kube.url}
-token_file = {token}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-
-[service:web]
-host = web.test
-registry = k
-namespace = {namespace}
-service_name = web
-port = 80
-{extra}
-
-[api:web]
-service = web
-path = /
-"""
-
-
 def test_an_endpoint_that_joins_under_load_ramps_up_over_slow_start(kube, namespace, upstream, gateway_process,
-                                                                    tmp_path):
+                                                                    token_file):
     """The issue's measure: B joins A with slow_start = 10; B gets <= 30% of the requests
     in its first 3 s and 35-65% after 12 s. Shares, not rates: robust on a busy machine."""
     a, b = upstream(EchoApp("a")), upstream(EchoApp("b"))
     kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": namespace},
                 "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
     kube.apply(zoned_slice(namespace, "web-a", a.port, "z"))
-    token = tmp_path / "token"
-    token.write_text(kube.admin_token)
-    gw = gateway_process("serve", discovery_config(kube, namespace, token, "slow_start = 10"))
+    gw = gateway_process("serve", discovery_ini(kube, namespace, token_file, "web", port=80,
+                                                cluster={"slow_start": 10}))
     client = session()
-    wait_until(lambda: client.get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    gw.wait_ready()
 
     def served_for(seconds: float) -> collections.Counter:
         seen: collections.Counter = collections.Counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .conftest import ROOT
+from .conftest import ROOT, discovery_ini
 
 
 def run(config_path, timeout: float = 10) -> subprocess.CompletedProcess:
@@ -14,26 +14,7 @@ def run(config_path, timeout: float = 10) -> subprocess.CompletedProcess:
                            "--timeout", str(timeout)], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def config(kube, namespace, token_file, **extra) -> str:
-    return f"""
-[registry:k]
-type = kubernetes
-api_server = {kube.url}
-token_file = {token_file}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-{''.join(f'{k} = {v}' for k, v in extra.items())}
-
-[service:web]
-registry = k
-namespace = {namespace}
-service_name = web
-port = http
-
-[api:web]
-service = web
-path = /
-
+MISSING = """
 [service:missing]
 host = missing.test
 registry = k
@@ -47,7 +28,12 @@ path = /
 """
 
 
-def test_endpoints_prints_what_each_service_resolves_to(kube, namespace, tmp_path):
+def config(kube, namespace, token_file) -> str:
+    """Service web, on any host, and a service whose Kubernetes Service does not exist."""
+    return discovery_ini(kube, namespace, token_file, "web", host="") + MISSING.format(namespace=namespace)
+
+
+def test_endpoints_prints_what_each_service_resolves_to(kube, namespace, token_file, tmp_path):
     kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": namespace},
                 "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
     kube.apply({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "web", "namespace": namespace},
@@ -58,10 +44,8 @@ def test_endpoints_prints_what_each_service_resolves_to(kube, namespace, tmp_pat
                              "labels": {"kubernetes.io/service-name": "web"}},
                 "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
                 "endpoints": [{"addresses": ["10.1.0.7"]}, {"addresses": ["10.1.0.8"]}]})
-    token = tmp_path / "token"
-    token.write_text(kube.admin_token)
     path = tmp_path / "kproxy.ini"
-    path.write_text(config(kube, namespace, token))
+    path.write_text(config(kube, namespace, token_file))
     result = run(path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -22,7 +20,8 @@ import pytest
 
 from kproxy import status as statusmod
 
-from .conftest import ROOT, EchoApp, closed_port, raw_http, session, wait_until
+from .conftest import (ROOT, EchoApp, TcpRelay, closed_port, discovery_ini, kube_registry, raw_http, session,
+                       wait_until)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
@@ -97,73 +96,6 @@ def assert_clean(driver, origin: str) -> None:
     assert urls and all(u.startswith(origin + "/") for u in urls), urls
 
 
-# -- a loopback relay in front of the API server, to stop it without stopping the server --
-
-class Relay:
-    """Accepts on 127.0.0.1 and pipes each connection to ``target``; ``close()`` stops
-    listening and cuts every connection, as an API server that went away."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    client.close()
-                    server.close()
-                    return
-                self._sockets += [client, server]
-                for a, b in ((client, server), (server, client)):
-                    thread = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
-                    self._threads.append(thread)
-                    thread.start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        source.settimeout(None)
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self.listener.close()
-            for s in self._sockets:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-
 # -- configs --
 
 def static_ini(node: str, extra: str = "", workers: int = 1, dead: str | None = None) -> str:
@@ -185,29 +117,10 @@ methods = GET POST
 """
 
 
-def kube_ini(kube_url: str, ca_file: str, token_file: Path, namespace: str, web_node: str) -> str:
-    return f"""
-[kproxy]
-workers = 2
-
-[registry:k]
-type = kubernetes
-api_server = {kube_url}
-token_file = {token_file}
-ca_file = {ca_file}
-namespace_pattern = {namespace}
-
-[service:echo]
-host = echo.test
-registry = k
-namespace = {namespace}
-service_name = echo
-port = http
-
-[api:echo]
-service = echo
-path = /
-
+def kube_ini(api_server: str, kube, token_file: Path, namespace: str, web_node: str) -> str:
+    """Service echo found through ``api_server`` (a relay in front of the test API server),
+    and a static service web with a dead node."""
+    return discovery_ini(kube, namespace, token_file, api_server=api_server, kproxy={"workers": 2}) + f"""
 [service:web]
 host = web.test
 path_prefix = /v1
@@ -265,20 +178,17 @@ def test_the_page_shows_routes_services_and_nodes_with_nothing_from_another_orig
 # -- live: endpoints, traffic, the API server going away --
 
 def test_the_open_page_follows_endpoints_traffic_and_an_api_server_outage(
-        browser, gateway_process, upstream, kube, namespace, tmp_path):
+        browser, gateway_process, upstream, kube, namespace, token_file):
     echo, web = upstream(EchoApp("echo")), upstream(EchoApp("web"))
     kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": namespace},
                 "spec": {"ports": [{"name": "http", "port": 80, "targetPort": echo.port}]}})
     kube.apply(endpoint_slice(namespace, echo.port, ["127.0.0.1"]))
-    token_file = tmp_path / "token"
-    token_file.write_text(kube.admin_token)
-    host, port = kube.url.removeprefix("https://").rsplit(":", 1)
-    relay = Relay((host, int(port)))
+    relay = TcpRelay(kube.port)
     try:
-        gw = gateway_process("gunicorn", kube_ini(f"https://127.0.0.1:{relay.port}", kube.ca_file, token_file,
+        gw = gateway_process("gunicorn", kube_ini(relay.url, kube, token_file,
                                                   namespace, web.address))
         client = session()
-        wait_until(lambda: client.get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+        gw.wait_ready()
         open_dashboard(browser, gw.url)
         assert node_addresses(browser, "echo") == {f"127.0.0.1:{echo.port}"}
         assert text_of(browser, "[data-registry='k'] [data-state]") == "ok"
@@ -426,7 +336,7 @@ def test_quantiles_and_rates_come_from_bucket_and_counter_differences():
 # -- Grafana --
 
 def test_grafana_dashboard_queries_only_metrics_kproxy_exports(gateway_process, upstream, raw_upstream, kube,
-                                                              namespace, tmp_path):
+                                                              namespace, token_file):
     dashboard = json.loads(GRAFANA.read_text())
     assert dashboard["title"] and dashboard["uid"] and dashboard["panels"]
     expressions = [t["expr"] for p in _panels(dashboard["panels"]) for t in p.get("targets", ())]
@@ -435,8 +345,6 @@ def test_grafana_dashboard_queries_only_metrics_kproxy_exports(gateway_process, 
 
     # a gateway that has done everything the metrics count: answered, retried, ejected, discovered
     node = upstream(EchoApp("a"))
-    token_file = tmp_path / "token"
-    token_file.write_text(kube.admin_token)
     def switch_then_close(conn) -> None:  # the tunnel ends at once: its client sees the end too
         conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo-protocol\r\nConnection: Upgrade\r\n\r\n")
         conn.close()
@@ -460,17 +368,10 @@ nodes = {switching.address}
 [api:tunnel]
 service = tunnel
 path = /
-
-[registry:k]
-type = kubernetes
-api_server = {kube.url}
-token_file = {token_file}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-"""
+""" + kube_registry(kube, namespace, token_file)
     gw = gateway_process("serve", ini)
     client = session()
-    wait_until(lambda: client.get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    gw.wait_ready()
     for i in range(6):  # weight 2 on the dead node: it is picked, refuses, is ejected and retried
         client.get(gw.url + f"/{i}", headers={"Host": "web.test"}, timeout=5)
     client.get(gw.url + "/none", headers={"Host": "nowhere.test"}, timeout=5)

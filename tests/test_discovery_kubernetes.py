@@ -30,7 +30,7 @@ from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
 from kproxy_tools.testenv import KubeAPIServer
 
-from .conftest import EchoApp, UpstreamServer, session, wait_until
+from .conftest import EchoApp, TcpRelay, UpstreamServer, discovery_ini, session, wait_until
 from .test_discovery_reflector import ProjectedVolume
 
 # short backoff so fault tests recover in about a second; the default schedule
@@ -115,75 +115,6 @@ def nodes(*addresses: str, port: int = 8080) -> tuple[Node, ...]:
 
 
 # -- test tools: a pass-through relay, a poller, an upstream --
-
-class TcpRelay:
-    """Plain TCP pass-through to the API server (bytes untouched, TLS end to end), so a
-    test can cut kproxy's connections or refuse new ones while the server stays up."""
-
-    def __init__(self, target_port: int):
-        self._target = target_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        self._open = True
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                if not self._open:
-                    raise OSError("relay paused")
-                server = socket.create_connection(("127.0.0.1", self._target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._sockets |= {client, server}
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        """Drop every open connection (new ones are accepted unless paused)."""
-        with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def pause(self) -> None:
-        self._open = False
-        self.cut()
-
-    def resume(self) -> None:
-        self._open = True
-
-    def close(self) -> None:
-        self.pause()
-        self._listener.close()
-
 
 @pytest.fixture
 def relay(kube: KubeAPIServer) -> Iterator[TcpRelay]:
@@ -626,28 +557,8 @@ def test_every_gunicorn_worker_routes_the_new_endpoints_within_10_s_of_a_token_s
         tokens = ProjectedVolume(tmp_path / "sa", first)
         kube.apply(service(namespace, "web"))
         kube.apply(endpoint_slice(namespace, "web-1", "web", [ready("127.0.0.1")], ports=(("http", old_node.port),)))
-        gw = gateway_process("gunicorn", f"""
-[kproxy]
-workers = 2
-
-[registry:k]
-type = kubernetes
-api_server = {relay.url}
-token_file = {tokens.path}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-
-[service:web]
-host = web.test
-registry = k
-namespace = {namespace}
-service_name = web
-port = http
-
-[api:web]
-service = web
-path = /
-""")
+        gw = gateway_process("gunicorn", discovery_ini(kube, namespace, tokens.path, "web", api_server=relay.url,
+                                                       kproxy={"workers": 2}))
 
         def answered_by() -> list[str]:
             """Which node answered 20 requests, each on a new connection (either worker)."""

@@ -5,44 +5,24 @@ from __future__ import annotations
 
 import signal
 
-from .conftest import EchoApp, free_port, GatewayProcess, session, wait_until
+from .conftest import EchoApp, GatewayProcess, discovery_ini, free_port, session, wait_until
 from .test_operations import Traffic
 
 
+EXTRA_API = "\n[service:extra]\nhost = extra.test\nnodes = 127.0.0.1:9\n\n[api:extra]\nservice = extra\npath = /\n"
+
+
 def ini(kube, namespace, token_file, extra_api: bool = False, label_selector: str = "") -> str:
-    text = f"""
-[kproxy]
-workers = 2
-
-[registry:k]
-type = kubernetes
-api_server = {kube.url}
-token_file = {token_file}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-label_selector = {label_selector}
-
-[service:echo]
-host = echo.test
-registry = k
-namespace = {namespace}
-service_name = echo
-port = http
-
-[api:echo]
-service = echo
-path = /
-"""
-    if extra_api:
-        text += "\n[service:extra]\nhost = extra.test\nnodes = 127.0.0.1:9\n\n[api:extra]\nservice = extra\npath = /\n"
-    return text
+    text = discovery_ini(kube, namespace, token_file, kproxy={"workers": 2}, registry={"label_selector": label_selector})
+    return text + EXTRA_API if extra_api else text
 
 
 def endpoints_reflector(gw) -> dict:
     return session().get(gw.url + "/-/discovery", timeout=5).json()["registries"]["k"]["informers"]["endpoints"]
 
 
-def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, namespace, upstream, tmp_path):
+def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, namespace, upstream, token_file,
+                                                                         tmp_path):
     node = upstream(EchoApp("a"))
     kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": namespace},
                 "spec": {"ports": [{"name": "http", "port": 80, "targetPort": node.port}]}})
@@ -51,21 +31,19 @@ def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, na
                              "labels": {"kubernetes.io/service-name": "echo", "tier": "web"}},
                 "addressType": "IPv4", "ports": [{"name": "http", "port": node.port}],
                 "endpoints": [{"addresses": ["127.0.0.1"]}]})
-    token = tmp_path / "token"
-    token.write_text(kube.admin_token)
     config = tmp_path / "kproxy.ini"
-    config.write_text(ini(kube, namespace, token))
+    config.write_text(ini(kube, namespace, token_file))
     gw = GatewayProcess("gunicorn", config, free_port()).start()
     traffic = None
     try:
-        wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+        gw.wait_ready()
         traffic = Traffic(gw.url)
         wait_until(lambda: len(traffic.answers) > 20)
         listed = [endpoints_reflector(gw) for _ in range(6)]  # new connections: both workers answer
         assert {i["lists"] for i in listed} == {1}
 
         # same registry settings, new routes: cache and watch stay
-        config.write_text(ini(kube, namespace, token, extra_api=True))
+        config.write_text(ini(kube, namespace, token_file, extra_api=True))
         gw.signal(signal.SIGHUP)
         wait_until(lambda: session().get(gw.url + "/", headers={"Host": "extra.test"}, timeout=5).status_code == 502)
         for _ in range(6):
@@ -74,7 +52,7 @@ def test_reload_keeps_unchanged_registries_and_lists_changed_ones_first(kube, na
 
         # a changed registry (label selector) is started and listed before it serves
         mark = len(traffic.answers)
-        config.write_text(ini(kube, namespace, token, extra_api=True, label_selector="tier=web"))
+        config.write_text(ini(kube, namespace, token_file, extra_api=True, label_selector="tier=web"))
         gw.signal(signal.SIGHUP)
         wait_until(lambda: "tier=web" in session().get(gw.url + "/-/discovery", timeout=5).text, timeout=15)
         wait_until(lambda: len(traffic.answers) > mark + 50)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .conftest import ROOT, EchoApp, GatewayProcess, free_port, session, wait_until
+from .conftest import ROOT, EchoApp, GatewayProcess, discovery_ini, free_port, session, wait_until
 from .test_discovery_kubernetes import endpoint_slice, ready, service
-from .test_reload_discovery import ini
 
 
 def kproxy(*args: str) -> subprocess.CompletedProcess:
@@ -26,26 +25,24 @@ def echo_service(kube, namespace: str, port: int) -> None:
     kube.apply(endpoint_slice(namespace, "echo-1", "echo", [ready("127.0.0.1")], ports=(("http", port),)))
 
 
-def config_file(kube, namespace: str, tmp_path):
-    token = tmp_path / "token"
-    token.write_text(kube.admin_token)
+def config_file(kube, namespace: str, token_file, tmp_path):
     path = tmp_path / "kproxy.ini"
-    path.write_text(ini(kube, namespace, token))
+    path.write_text(discovery_ini(kube, namespace, token_file, kproxy={"workers": 2}))
     return path
 
 
-def test_check_accepts_a_config_with_a_kubernetes_registry(kube, namespace, tmp_path):
-    result = kproxy("check", "-c", str(config_file(kube, namespace, tmp_path)))
+def test_check_accepts_a_config_with_a_kubernetes_registry(kube, namespace, token_file, tmp_path):
+    result = kproxy("check", "-c", str(config_file(kube, namespace, token_file, tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert ": ok (1 services, 1 apis" in result.stdout
 
 
-def test_serve_forwards_a_request_to_a_discovered_node_and_counts_it(kube, namespace, upstream, tmp_path):
+def test_serve_forwards_a_request_to_a_discovered_node_and_counts_it(kube, namespace, upstream, token_file, tmp_path):
     node = upstream(EchoApp("smoke"))
     echo_service(kube, namespace, node.port)
-    gw = GatewayProcess("serve", config_file(kube, namespace, tmp_path), free_port()).start()
+    gw = GatewayProcess("serve", config_file(kube, namespace, token_file, tmp_path), free_port()).start()
     try:
-        wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+        gw.wait_ready()
         response = session().get(gw.url + "/hello", headers={"Host": "echo.test"}, timeout=10)
         assert response.status_code == 200, response.text
         assert response.json()["node"] == "smoke"
@@ -60,10 +57,10 @@ def test_serve_forwards_a_request_to_a_discovered_node_and_counts_it(kube, names
         gw.stop()
 
 
-def test_endpoints_lists_the_registry(kube, namespace, upstream, tmp_path):
+def test_endpoints_lists_the_registry(kube, namespace, upstream, token_file, tmp_path):
     node = upstream(EchoApp("smoke"))
     echo_service(kube, namespace, node.port)
-    result = kproxy("endpoints", "-c", str(config_file(kube, namespace, tmp_path)), "--timeout", "10")
+    result = kproxy("endpoints", "-c", str(config_file(kube, namespace, token_file, tmp_path)), "--timeout", "10")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("[registry:k] listed"), result.stdout
