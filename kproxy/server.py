@@ -74,6 +74,7 @@ def worker_app() -> Any:
 
 def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None = None) -> dict[str, Any]:
     """gunicorn settings that follow from a kproxy config."""
+    from .worker import ARBITER_SETTINGS
     host, port = listen or config.gateway.listen
     gateway = config.gateway
     return {
@@ -91,7 +92,7 @@ def gunicorn_settings(config: configmod.Config, listen: tuple[str, int] | None =
         # must not turn into wsgi.url_scheme (and so into what kproxy forwards)
         "forwarded_allow_ips": "",
         "secure_scheme_headers": {},
-        "control_socket_disable": True,
+        **ARBITER_SETTINGS,
     }
 
 
@@ -145,7 +146,8 @@ def when_ready(server: Any) -> None:
     # reload in place instead (see module docstring)
     _handoff_dir = tempfile.mkdtemp(prefix="kproxy-reload-")  # 0700: the config may hold a token
     os.environ["KPROXY_RELOAD_STATUS"] = os.path.join(_handoff_dir, "reload.json")  # for the dashboard
-    server.reload = lambda: _reload_workers(server)
+    from .worker import reload_in_place
+    reload_in_place(server, lambda: _reload_workers(server))
     for warning in _current.warnings if _current else ():  # what `kproxy check` warns of
         server.log.warning("%s", warning)
 
@@ -231,9 +233,10 @@ def _reload_workers(server: Any) -> None:
     for warning in config.warnings:
         server.log.warning("reload: %s", warning)
     remember(config)  # before the HUPs: a worker forked from now on boots with it
-    server.log.info("reload: %s (%s) is valid; reloading %d workers in place", path, digest(data),
-                    len(server.WORKERS))
-    for pid in list(server.WORKERS):
+    from .worker import worker_pids
+    pids = worker_pids(server)
+    server.log.info("reload: %s (%s) is valid; reloading %d workers in place", path, digest(data), len(pids))
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:

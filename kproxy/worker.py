@@ -50,6 +50,10 @@ its connection from the worker (``ClientSocket.take_over``, through the environ'
 ``gunicorn.socket``) with the bytes read past its head; the worker then finishes the
 request without keeping the connection alive or closing it, and no longer counts it
 among its connections: ``kproxy.tunnel`` relays it from a poller thread of its own.
+
+This module is kproxy's one adapter to gunicorn's internals: the gthread worker above, and
+the few parts of the arbiter (the master) that ``kproxy.server``'s hooks reach, at the
+end. tests/test_contracts.py pins every name it uses.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ import selectors
 import socket
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
@@ -582,3 +586,20 @@ class DeadlineThreadWorker(ThreadWorker):
         # a connection taken over by a tunnel is not the worker's any more: not kept alive,
         # and what finish_request closes is the empty ClientSocket, not the tunnel
         return keepalive and not sock.taken
+
+
+# -- gunicorn's arbiter: the master's parts that kproxy.server's hooks use --
+
+# gunicorn's control socket (gunicornc) is no part of kproxy: the master opens none
+ARBITER_SETTINGS = {"control_socket_disable": True}
+
+
+def reload_in_place(arbiter: Any, reload: Callable[[], None]) -> None:
+    """Make the master's SIGHUP call ``reload`` instead of ``Arbiter.reload``, which would
+    start new workers (each listing every registry again)."""
+    arbiter.reload = reload
+
+
+def worker_pids(arbiter: Any) -> list[int]:
+    """The master's workers, as it counts them now."""
+    return list(arbiter.WORKERS)

@@ -3,8 +3,11 @@ relies on, one test per dependency: a release that renames or reshapes one fails
 loudly and by name, instead of at a user's start-up (urllib3's is in test_pool.py,
 prometheus_client's in test_metrics.py).
 
-- gunicorn, in kproxy/worker.py (the gthread worker kproxy extends) and kproxy/server.py
-  (the arbiter's reload, replaced by an in-place reload);
+- gunicorn, all in kproxy/worker.py: the gthread worker kproxy extends, and the arbiter's
+  parts that kproxy/server.py's hooks use through it (its reload, replaced by an in-place
+  reload; its workers; the control-socket setting). The hooks also read ``server.log``,
+  ``server.cfg``, ``worker.wsgi`` and ``worker.pid``, as gunicorn's example config does:
+  pinned here too;
 - kubernetes, in kproxy/discovery/apiserver.py (the client's configuration, its urllib3
   pool and its TCP keepalive options).
 """
@@ -14,8 +17,7 @@ from __future__ import annotations
 import inspect
 
 
-def test_gunicorn_gthread_and_arbiter_internals_are_there():
-    from gunicorn.arbiter import Arbiter
+def test_gunicorn_gthread_internals_are_there():
     from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
     from gunicorn.http.unreader import Unreader
     from gunicorn.workers.gthread import TConn, ThreadWorker
@@ -32,7 +34,44 @@ def test_gunicorn_gthread_and_arbiter_internals_are_there():
         assert attribute in conn_source, f"gunicorn TConn {attribute}"
     assert callable(getattr(Unreader, "take_buffered", None)) and "self.buf" in inspect.getsource(Unreader)
     assert all(isinstance(n, int) for n in (MAX_REQUEST_LINE, MAX_HEADERS, DEFAULT_MAX_HEADERFIELD_SIZE))
-    assert callable(Arbiter.reload) and "WORKERS" in vars(Arbiter)
+
+
+def test_gunicorn_arbiter_parts_the_hooks_use_are_there():
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config
+    from gunicorn.workers.base import Worker
+
+    from kproxy.worker import ARBITER_SETTINGS, reload_in_place, worker_pids
+
+    # a HUP reaches the reload kproxy puts on the instance (reload_in_place)
+    assert "self.reload()" in inspect.getsource(Arbiter.handle_hup), "gunicorn Arbiter.handle_hup -> reload"
+    assert isinstance(vars(Arbiter)["WORKERS"], dict), "gunicorn Arbiter.WORKERS: pid -> worker"
+    setup = inspect.getsource(Arbiter.setup)
+    assert "self.log =" in setup and "self.cfg =" in setup, "gunicorn Arbiter.log, Arbiter.cfg"
+    assert "self.wsgi =" in inspect.getsource(Worker.load_wsgi), "gunicorn Worker.wsgi"
+    assert "self.pid" in inspect.getsource(Worker.__init__), "gunicorn Worker.pid"
+    settings = Config().settings
+    for name, value in ARBITER_SETTINGS.items():
+        assert name in settings, f"gunicorn setting {name}"
+        settings[name].set(value)
+        assert settings[name].get() == value
+
+    # on a real arbiter (set up, not started: it binds nothing), a HUP runs kproxy's reload
+    class App(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", ["127.0.0.1:0"])
+
+        def load(self) -> None:
+            return None
+    arbiter = Arbiter(App())
+    assert arbiter.cfg.workers == 1 and callable(arbiter.log.info)
+    reloads = []
+    reload_in_place(arbiter, lambda: reloads.append("in place"))
+    arbiter.handle_hup()
+    assert reloads == ["in place"]
+    arbiter.WORKERS = {101: object(), 102: object()}  # what spawn_worker fills in, per instance here
+    assert worker_pids(arbiter) == [101, 102]
 
 
 def test_kubernetes_client_internals_are_there():
