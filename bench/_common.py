@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -106,15 +107,37 @@ def foreign_share(before: tuple[float, float, float], after: tuple[float, float,
     return max(0.0, other / (wall * (os.cpu_count() or 1)))
 
 
-def rss_mb(pid: int) -> float | None:
+def proc_mb(pid: int, field: str, file: str = "status") -> float | None:
+    """A kB figure of /proc/PID/``file`` (``VmRSS`` of status, ``Pss`` of smaps_rollup) in
+    MB; None once the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{file}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def rss_mb(pid: int) -> float | None:
+    return proc_mb(pid, "VmRSS")
+
+
+def raise_nofile() -> None:
+    """The soft open-file limit up to the hard one (inherited by the processes started
+    after): 1,000 tunnels are 2,000 descriptors in a proxy and 1,000 in the client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q``th percentile; None for no values."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
 def connections_per_worker(port: int, workers: list[int]) -> list[int]:

@@ -40,8 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
 from bench import _kube  # noqa: E402
-from bench._common import (HOST, PATH, PYTHON, Proc, client_ports_by_worker, node_body, rss_mb, say,  # noqa: E402
-                           start_upstream, table, wait_http)
+from bench._common import (HOST, PATH, PYTHON, Proc, client_ports_by_worker, node_body, proc_mb,  # noqa: E402
+                           rss_mb, say, start_upstream, table, wait_http)
 from kproxy_tools.common import children, free_ports, session as loopback_session  # noqa: E402
 
 SYNC_NS, CONV_NS = "bench-sync", "bench-conv"
@@ -72,14 +72,7 @@ methods = *
 
 
 def hwm_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return proc_mb(pid, "VmHWM")
 
 
 def start_kproxy(workdir: Path, name: str, text: str) -> Proc:

@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -49,7 +48,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from bench._common import PYTHON, Proc, cpu_snapshot, foreign_share, median, rss_mb, say, table, wait_http  # noqa: E402
+from bench._common import (PYTHON, Proc, cpu_snapshot, foreign_share, median, percentile, rss_mb, say,  # noqa: E402
+                           table, wait_http)
+from bench._common import raise_nofile as _raise_nofile  # noqa: E402  (bench/run.py imports it from here)
 from kproxy_tools.common import children, free_ports  # noqa: E402
 
 HOST = "slow.bench"
@@ -170,13 +171,6 @@ async def _serve_forever(port: int, delay: float) -> None:
 
 # -- clients -----------------------------------------------------------------------------
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
-
-
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), head
@@ -227,9 +221,9 @@ async def sse_clients(port: int, clients: int, host: str = HOST, path: str = "/s
         "clients": clients, "complete": sum(r.get("ids") == list(range(EVENTS)) for r in results),
         "events": sum(r["events"] for r in results), "statuses": _count(r["status"] for r in results),
         "errors": sorted({r["error"] for r in results if "error" in r})[:5],
-        "delay_p50_ms": _percentile(delays, 50), "delay_p99_ms": _percentile(delays, 99),
+        "delay_p50_ms": percentile(delays, 50), "delay_p99_ms": percentile(delays, 99),
         "delay_max_ms": max(delays, default=None),
-        "head_p50_ms": _percentile(heads, 50), "head_max_ms": max(heads, default=None),
+        "head_p50_ms": percentile(heads, 50), "head_max_ms": max(heads, default=None),
     }
 
 
@@ -395,11 +389,6 @@ def wrk(port: int, duration: float, connections: int) -> dict[str, Any]:
             "p50_ms": ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
             "p99_ms": ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
             "requests": int(re.search(r"(\d+) requests in", out).group(1)), "errors": errors}
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def client_process(role: str, port: int, clients: int, path: str = "") -> dict[str, Any]:

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
-from bench._common import PYTHON, Proc, median, rss_mb, say, table, wait_http  # noqa: E402
+from bench._common import PYTHON, Proc, median, percentile, raise_nofile, rss_mb, say, table, wait_http  # noqa: E402
 from kproxy_tools.common import free_ports  # noqa: E402
 
 NGINX, SERVE, DIRECT, BURST = "nginx", "kproxy-serve", "direct", "kproxy-serve-burst"
@@ -102,14 +101,6 @@ path = /
 """
 
 
-def raise_nofile() -> None:
-    """The soft open-file limit up to the hard one (inherited by the processes started
-    after): 1,000 tunnels are 2,000 descriptors in a proxy and 1,000 in the client."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 # -- the echo server and the clients (processes of their own) ----------------------------
 
 async def _echo_server(port: int) -> None:
@@ -121,13 +112,6 @@ async def _echo_server(port: int) -> None:
     async with serve(echo, "127.0.0.1", port, compression=None, ping_interval=None, backlog=4096,
                      max_queue=None) as server:
         await server.serve_forever()
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -181,7 +165,7 @@ async def _echo_round(echoers: list[Any], messages: int) -> None:
     results = await asyncio.gather(*(echo(ws) for ws in echoers), return_exceptions=True)
     failures += sum(isinstance(r, BaseException) for r in results)
     _emit({"phase": "echo", "echoes": len(rtts), "failures": failures, "seconds": time.monotonic() - t0,
-           "p50_ms": _percentile(rtts, 50), "p99_ms": _percentile(rtts, 99), "max_ms": max(rtts, default=None)})
+           "p50_ms": percentile(rtts, 50), "p99_ms": percentile(rtts, 99), "max_ms": max(rtts, default=None)})
 
 
 # -- the proxy's process tree -------------------------------------------------------------
