@@ -1,7 +1,8 @@
 """Shared discovery benchmarks (issue #15) on a real kube-apiserver (``kproxy_tools.testenv``;
 never part of the tests).
 
-    python bench/shared_discovery.py [--services 5000] [--addresses 10] [--writes 50] [--json FILE]
+    python bench/shared_discovery.py [--services 5000] [--addresses 10] [--writes 50]
+                                     [--only convergence|memory] [--json FILE]
 
 Three pods are compared, each kproxy under gunicorn with ``conf/gunicorn.conf.py``:
 ``-w 1`` (discovery in the worker), ``-w 4`` (shared: one discovery process feeds the four
@@ -186,7 +187,8 @@ def measure_pod(workdir: Path, kube: Any, token: Path, name: str, workers: int, 
         members = group(proc.pid)
         discovery = [p for p in members if is_discovery(p)]
         return {"rss": sum(rss_mb(p) or 0 for p in members), "pss": sum(pss_mb(p) or 0 for p in members),
-                "workers_rss": [rss_mb(p) for p in pids], "discovery_rss": [rss_mb(p) for p in discovery],
+                "workers_rss": [rss_mb(p) for p in pids], "workers_pss": [pss_mb(p) for p in pids],
+                "discovery_rss": [rss_mb(p) for p in discovery],
                 "master_rss": rss_mb(proc.pid), "processes": len(members),
                 "watch_connections": api_connections(proc.pid, kube.port)}
     finally:
@@ -210,18 +212,26 @@ def bench_memory(workdir: Path, kube: Any, token: Path, args: argparse.Namespace
     return out
 
 
+def _median(values: list[float | None]) -> str:
+    found = [v for v in values if v]
+    return f"{statistics.median(found):.1f}" if found else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--services", type=int, default=5000)
     parser.add_argument("--addresses", type=int, default=10)
     parser.add_argument("--writes", type=int, default=50)
+    parser.add_argument("--only", choices=("convergence", "memory"),
+                        help="run (a/b) or (c/d) alone (memory alone takes about 4 minutes)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not (1 <= args.services <= 20000 and 1 <= args.addresses <= 100 and 1 <= args.writes <= 500):
         parser.error("out of range")
     out: dict[str, Any] = {"command": "python bench/shared_discovery.py " + " ".join(sys.argv[1:] if argv is None
                                                                                     else argv),
-                           "discovery_commit": _kube.discovery_commit(), "date": time.strftime("%Y-%m-%d")}
+                           "discovery_commit": _kube.discovery_commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                           "load_average_before": os.getloadavg()}
     reason = _kube.unavailable() or _kube.discovery_unfinished()
     if reason:
         say(f"SKIPPED: {reason}")
@@ -236,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         say("starting kube-apiserver + etcd (kproxy_tools.testenv) ...")
         kube = _kube.start()
         token = _kube.token_file(kube, workdir)
-        kube.apply({"kind": "Namespace", "metadata": {"name": CONV_NS}})
-        kube.apply(_kube.service_obj(CONV_NS, "flip", upstream.extra_ports[0]))
-        kube.apply(_kube.slice_obj(CONV_NS, "flip", upstream.extra_ports[0]))
-        out["convergence"] = []
-        for label, workers, shared in PODS:
-            say(f"(a/b) convergence, {label}: {args.writes} writes ...")
-            out["convergence"].append(bench_convergence(workdir, kube, token, upstream.extra_ports, label, workers,
-                                                        shared, args.writes))
-        out["memory"] = bench_memory(workdir, kube, token, args)
+        if args.only != "memory":
+            kube.apply({"kind": "Namespace", "metadata": {"name": CONV_NS}})
+            kube.apply(_kube.service_obj(CONV_NS, "flip", upstream.extra_ports[0]))
+            kube.apply(_kube.slice_obj(CONV_NS, "flip", upstream.extra_ports[0]))
+            out["convergence"] = []
+            for label, workers, shared in PODS:
+                say(f"(a/b) convergence, {label}: {args.writes} writes ...")
+                out["convergence"].append(bench_convergence(workdir, kube, token, upstream.extra_ports, label,
+                                                            workers, shared, args.writes))
+        if args.only != "convergence":
+            out["memory"] = bench_memory(workdir, kube, token, args)
     finally:
         if kube is not None:
             kube.stop()
@@ -252,34 +264,45 @@ def main(argv: list[str] | None = None) -> int:
             upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    say("\n" + table([[c["pod"], str(c["workers"]), str(c["watch_connections"]), f"{c['p50_ms']:.1f}",
-                       f"{c['p99_ms']:.1f}", f"{c['max_ms']:.1f}", str(c["missed"]), str(c["non_200"])]
-                      for c in out["convergence"]],
-                     ["pod", "workers", "API connections", "p50 ms", "p99 ms", "max ms", "missed", "non-200"]))
-    memory = out["memory"]
-    rows = []
-    for label, _, _ in PODS:
-        idle, full, extra = memory["idle"][label], memory["full"][label], memory["extra"][label]
-        rows.append([label, f"{idle['rss']:.1f}", f"{full['rss']:.1f}", f"{extra['rss']:+.1f}", f"{extra['pss']:+.1f}",
-                     f"{statistics.median(w for w in idle['workers_rss'] if w):.1f}",
-                     ", ".join(f"{d:.1f}" for d in idle["discovery_rss"] if d) or "-",
-                     str(full["watch_connections"])])
-    say("\n" + table(rows, ["pod", "RSS idle MB", f"RSS {args.services:,}x{args.addresses} MB", "extra RSS MB",
-                            "extra PSS MB", "idle worker RSS MB", "discovery process RSS MB (idle)",
-                            "API connections"]))
-    best = {c["pod"]: c for c in out["convergence"]}
-    ratio = memory["extra"]["-w 4"]["rss"] / max(memory["extra"]["-w 1"]["rss"], 1e-6)
-    idle_worker = statistics.median(w for w in memory["idle"]["-w 4"]["workers_rss"] if w)
-    targets = [
-        ["convergence -w 4: p99 <= 50 ms", f"{best['-w 4']['p99_ms']:.1f} ms",
-         best["-w 4"]["p99_ms"] <= TARGET_CONVERGE_MS and not best["-w 4"]["missed"]],
-        ["API connections -w 4 == -w 1", f"{best['-w 4']['watch_connections']} / {best['-w 1']['watch_connections']}",
-         best["-w 4"]["watch_connections"] == best["-w 1"]["watch_connections"]],
-        ["extra RSS -w 4 <= 1.5 x -w 1", f"{ratio:.2f} x", ratio <= TARGET_MEMORY_RATIO],
-        ["idle worker RSS -w 4 <= 30 MB (goal)", f"{idle_worker:.1f} MB", idle_worker <= GOAL_IDLE_WORKER_MB],
-    ]
+    targets = []
+    if "convergence" in out:
+        say("\n" + table([[c["pod"], str(c["workers"]), str(c["watch_connections"]), f"{c['p50_ms']:.1f}",
+                           f"{c['p99_ms']:.1f}", f"{c['max_ms']:.1f}", str(c["missed"]), str(c["non_200"])]
+                          for c in out["convergence"]],
+                         ["pod", "workers", "API connections", "p50 ms", "p99 ms", "max ms", "missed", "non-200"]))
+        best = {c["pod"]: c for c in out["convergence"]}
+        targets += [
+            ["convergence -w 4: p99 <= 50 ms", f"{best['-w 4']['p99_ms']:.1f} ms",
+             best["-w 4"]["p99_ms"] <= TARGET_CONVERGE_MS and not best["-w 4"]["missed"]],
+            ["API connections -w 4 == -w 1",
+             f"{best['-w 4']['watch_connections']} / {best['-w 1']['watch_connections']}",
+             best["-w 4"]["watch_connections"] == best["-w 1"]["watch_connections"]],
+        ]
+    if "memory" in out:
+        memory = out["memory"]
+        rows = []
+        for label, _, _ in PODS:
+            idle, full, extra = memory["idle"][label], memory["full"][label], memory["extra"][label]
+            rows.append([label, f"{idle['rss']:.1f}", f"{full['rss']:.1f}", f"{extra['rss']:+.1f}",
+                         f"{extra['pss']:+.1f}", _median(idle["workers_rss"]), _median(full["workers_rss"]),
+                         _median(idle["workers_pss"]), _median(full["workers_pss"]),
+                         ", ".join(f"{i:.1f} / {f:.1f}" for i, f in zip(idle["discovery_rss"], full["discovery_rss"])
+                                   if i and f) or "-",
+                         str(full["watch_connections"])])
+        say("\n" + table(rows, ["pod", "RSS idle MB", f"RSS {args.services:,}x{args.addresses} MB", "extra RSS MB",
+                                "extra PSS MB", "worker RSS idle", "worker RSS full", "worker PSS idle",
+                                "worker PSS full", "discovery RSS idle / full", "API connections"]))
+        ratio = memory["extra"]["-w 4"]["rss"] / max(memory["extra"]["-w 1"]["rss"], 1e-6)
+        idle_worker = statistics.median(w for w in memory["idle"]["-w 4"]["workers_rss"] if w)
+        targets += [
+            ["extra RSS -w 4 <= 1.5 x -w 1", f"{ratio:.2f} x", ratio <= TARGET_MEMORY_RATIO],
+            ["idle worker RSS -w 4 <= 30 MB (goal)", f"{idle_worker:.1f} MB", idle_worker <= GOAL_IDLE_WORKER_MB],
+        ]
     out["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets]
+    out["load_average"] = os.getloadavg()
     say("\n" + table([[t, m, "yes" if ok else "NO"] for t, m, ok in targets], ["target", "measured", "met"]))
+    say(f"load average at the end: {out['load_average'][0]:.2f} {out['load_average'][1]:.2f} "
+        f"{out['load_average'][2]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

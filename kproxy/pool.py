@@ -30,10 +30,10 @@ import sys
 import time
 from typing import Any
 
-from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ClosedPoolError
+from urllib3.poolmanager import PoolManager
 
 from .node import Node
 
@@ -134,11 +134,11 @@ class NodePools:
     """Every node's pool; thread-safe."""
 
     def __init__(self, pool_size: int = 8, max_nodes: int = 1024):
-        # pool_block=False: a burst beyond pool_size opens extra connections rather than
-        # queueing requests behind a lock; only pool_size are kept for reuse.
-        self._adapter = HTTPAdapter(pool_connections=max_nodes, pool_maxsize=pool_size,
-                                    max_retries=0, pool_block=False)
-        self._manager = self._adapter.poolmanager
+        # block=False: a burst beyond pool_size opens extra connections rather than
+        # queueing requests behind a lock; only pool_size are kept for reuse. urllib3's own
+        # manager, not requests' HTTPAdapter: a worker then never imports requests (and the
+        # charset detector it brings, which imports every codec: about 4 MB a worker)
+        self._manager = PoolManager(num_pools=max_nodes, maxsize=pool_size, block=False)
         self._manager.pool_classes_by_scheme = {"http": _NodePool, "https": _TLSNodePool}
         self._max_nodes = max_nodes
         self._by_node: dict[tuple[str, int, str, TLSPolicy | None], HTTPConnectionPool] = {}
@@ -166,7 +166,7 @@ class NodePools:
 
     def close(self) -> None:
         self._by_node.clear()
-        self._adapter.close()
+        self._manager.clear()
 
 
 def reuse(pool: HTTPConnectionPool, conn: HTTPConnection, keepalive: float) -> None:

@@ -427,8 +427,8 @@ def test_every_worker_is_not_ready_until_it_has_the_snapshot(kube, namespace, to
 def test_a_worker_loads_no_kubernetes_client_and_the_discovery_process_ends_with_its_master(
         kube, namespace, token_file, nodes, tmp_path):
     """A stand-in master (this script's parent) forks one worker that follows the
-    registry; the worker must route without the Kubernetes client, the reflector or the
-    API connection in its modules; once the master exits, so does the discovery process."""
+    registry; the worker must route without the Kubernetes client, the reflector, the
+    API connection or requests (and the codecs its charset detector loads) in its modules; once the master exits, so does the discovery process."""
     a, _ = nodes
     echo_service(kube, namespace, a.port)
     config = tmp_path / "kproxy.ini"
@@ -441,6 +441,7 @@ def test_a_worker_loads_no_kubernetes_client_and_the_discovery_process_ends_with
         if pid == 0:
             from kproxy.config import load
             from kproxy.discovery.shared import SharedRegistry
+            import kproxy.app  # all a worker routes with
             registry = SharedRegistry(load({str(config)!r}).registries["k"], {str(directory)!r})
             registry.start()
             for _ in range(600):
@@ -448,7 +449,7 @@ def test_a_worker_loads_no_kubernetes_client_and_the_discovery_process_ends_with
                     break
                 time.sleep(0.05)
             nodes = registry.nodes({namespace!r}, "echo", "http")
-            heavy = sorted(m for m in sys.modules if m.split(".")[0] == "kubernetes"
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("kubernetes", "requests")
                            or m in ("kproxy.discovery.kubernetes", "kproxy.discovery.reflector",
                                     "kproxy.discovery.apiserver"))
             print(json.dumps({{"ready": registry.ready, "nodes": [n.address for n in nodes or ()],
@@ -463,3 +464,57 @@ def test_a_worker_loads_no_kubernetes_client_and_the_discovery_process_ends_with
     assert answer["heavy"] == []
     wait_until(lambda: not alive(answer["discovery"]), timeout=10)
     assert not (directory / "socket").exists()
+
+
+def test_a_worker_keeps_the_node_tuples_of_unchanged_services_through_deltas_and_new_snapshots(tmp_path):
+    """The frames a discovery process sends, applied by a worker's registry: a delta changes
+    only what it names, a removed Service is gone, the worker's compact snapshot is
+    rewritten once changes pile up, and a new discovery process's full snapshot replaces
+    it; through all of it an unchanged Service keeps its node tuple (the balancer keeps
+    its state by it)."""
+    from kproxy.config import RegistryConfig
+    from kproxy.discovery.endpoints import ServiceView
+    from kproxy.discovery.shared import SharedRegistry, frame, full_body, record, encode_view
+    from kproxy.node import Node, Placement
+
+    def view(i: int, *hosts: str) -> ServiceView:
+        nodes = tuple(Node(h, 8080) for h in hosts or [f"10.0.{i >> 8}.{i & 255}", "10.1.0.1"])
+        return ServiceView({"8080": nodes}, nodes, "endpoints", None)
+
+    views = {("ns", f"svc-{i:04d}"): view(i) for i in range(1000)}
+    views[("ns", "mixed")] = ServiceView({"http": (Node("fd00::1", 80), Node("10.0.0.1", 80, 3, Placement("z"), True))},
+                                         None, "service", (("http", 80),))
+    registry = SharedRegistry(RegistryConfig("k", "kubernetes"), str(tmp_path))
+    registry._apply(frame("full", 1, [full_body(views)]), first=True)
+    assert registry.ready and len(registry._snapshot) == 1001
+    kept = registry.nodes("ns", "svc-0001", "8080")
+    assert [n.address for n in kept] == ["10.0.0.1:8080", "10.1.0.1:8080"]
+    assert registry.nodes("ns", "mixed", "http") == views[("ns", "mixed")].ports["http"]
+    assert registry.nodes("ns", "svc-0001", "9999") == kept  # any port, as in-process discovery
+    assert registry.nodes("ns", "nothing", "8080") is None and registry.nodes("other", "svc-0001", "8080") is None
+
+    registry._apply(frame("delta", 2, [record(("ns", "svc-0002"), encode_view(view(2, "10.9.9.9"))),
+                                       record(("ns", "svc-0003"), b""),
+                                       record(("new", "a"), encode_view(view(0, "10.8.8.8")))]), first=False)
+    assert registry.nodes("ns", "svc-0001", "8080") is kept
+    assert [n.address for n in registry.nodes("ns", "svc-0002", "8080")] == ["10.9.9.9:8080"]
+    assert registry.nodes("ns", "svc-0003", "8080") is None
+    assert [n.address for n in registry.nodes("new", "a", "8080")] == ["10.8.8.8:8080"]
+    assert len(registry._snapshot) == 1001
+
+    for round_ in range(3):  # more changes than a quarter of the snapshot: it is rewritten
+        registry._apply(frame("delta", 3 + round_, [record(("ns", f"svc-{i:04d}"), encode_view(view(i, "10.7.7.7")))
+                                                    for i in range(100 + 100 * round_, 200 + 100 * round_)]),
+                        first=False)
+    assert not registry._snapshot.changes, "the changes were not folded into the snapshot"
+    assert registry.nodes("ns", "svc-0001", "8080") is kept
+    assert [n.address for n in registry.nodes("ns", "svc-0250", "8080")] == ["10.7.7.7:8080"]
+    assert registry.nodes("ns", "svc-0003", "8080") is None and len(registry._snapshot) == 1001
+
+    # a new discovery process: its full snapshot, with svc-0001 as it was and svc-0002 changed back
+    views[("ns", "svc-0002")] = view(2, "10.6.6.6")
+    registry._apply(frame("full", 1, [full_body(views)]), first=False)
+    assert registry.nodes("ns", "svc-0001", "8080") is kept
+    assert [n.address for n in registry.nodes("ns", "svc-0002", "8080")] == ["10.6.6.6:8080"]
+    assert registry.nodes("new", "a", "8080") is None and registry.nodes("ns", "svc-0003", "8080") is not None
+    assert registry.dump()["worker"]["services"] == 1001

@@ -26,19 +26,24 @@ snapshot, which a new discovery process sends only after its first full list: ne
 empty one in between. ``/-/discovery`` and the discovery metrics come from the discovery
 process (asked on demand), so every worker answers the same.
 
-Memory: a worker keeps each Service as the bytes it received (a few hundred bytes for ten
-addresses) and builds its ``ServiceView`` the first time a request asks for that Service,
-so a worker routing to 3 of 5,000 Services holds 3 views, and the pod holds one cache.
+Memory: a worker keeps the last full snapshot as the one bytes object it received (its
+records sorted, found by bisection; a plain IPv4 node is 6 bytes) and the Services changed
+since in a dict, and builds a ``ServiceView`` the first time a request asks for that
+Service: a worker routing to 3 of 5,000 Services holds 3 views and no object per Service,
+and the pod holds one cache. The discovery process keeps no encoded copy: it encodes the
+full snapshot again for each worker that joins.
 This module imports neither the Kubernetes client nor the reflector: a worker stays light.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
+import operator
 import os
 import pickle
 import re
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..node import Node
@@ -150,6 +156,7 @@ def read_frame(reader: Any) -> bytes | None:
 _NODE_FIELDS = [f for f in dataclasses.fields(Node) if f.init]  # what Node(...) takes
 _NODE_DEFAULTS = [f.default for f in _NODE_FIELDS]
 _RECORD = struct.Struct("!HHI")  # namespace, name and view lengths
+_IPV4 = struct.Struct("!4sH")    # a node that is only an IPv4 address and a port
 
 
 def _node_values(node: Node) -> tuple[Any, ...]:
@@ -160,16 +167,45 @@ def _node_values(node: Node) -> tuple[Any, ...]:
     return tuple(values)
 
 
+_node_tail = operator.attrgetter(*(f.name for f in _NODE_FIELDS[2:]))  # all but host and port
+_PLAIN_TAIL = _node_tail(Node("0.0.0.0", 1))  # as every node has them by default
+
+
+def _pack(nodes: tuple[Node, ...]) -> bytes | tuple[tuple[Any, ...], ...]:
+    """A node list as 6 bytes a node when every node is a plain IPv4 address and port (the
+    common case), else as each node's field values."""
+    packed = []
+    for node in nodes:
+        if _node_tail(node) != _PLAIN_TAIL:
+            break
+        try:
+            address = socket.inet_aton(node.host)
+        except OSError:
+            break
+        if socket.inet_ntoa(address) != node.host:  # "127.1" is not written back as it came
+            break
+        packed.append(_IPV4.pack(address, node.port))
+    else:
+        return b"".join(packed)
+    return tuple(_node_values(n) for n in nodes)
+
+
+def _unpack(nodes: bytes | tuple[tuple[Any, ...], ...]) -> tuple[Node, ...]:
+    if isinstance(nodes, bytes):
+        return tuple(Node(socket.inet_ntoa(address), port) for address, port in _IPV4.iter_unpack(nodes)) or EMPTY
+    return tuple(Node(*values) for values in nodes) or EMPTY
+
+
 def encode_view(view: ServiceView) -> bytes:
     """A ServiceView as compact bytes: each distinct node list once, ports point into them
-    (230 bytes for ten addresses, against 460 for the objects pickled as they are)."""
-    lists: list[tuple[tuple[Any, ...], ...]] = []
+    (about 110 bytes for ten IPv4 addresses, against 460 for the objects pickled as they are)."""
+    lists: list[bytes | tuple[tuple[Any, ...], ...]] = []
     index: dict[tuple[Node, ...], int] = {}
 
     def ref(nodes: tuple[Node, ...]) -> int:
         if nodes not in index:
             index[nodes] = len(lists)
-            lists.append(tuple(_node_values(n) for n in nodes))
+            lists.append(_pack(nodes))
         return index[nodes]
     ports = {port: ref(nodes) for port, nodes in view.ports.items()}
     any_port = None if view.any_port is None else ref(view.any_port)
@@ -180,7 +216,7 @@ def decode_view(blob: bytes) -> ServiceView:
     # only the pod's own discovery process can write to this worker's socket (a 0700
     # directory of the same user), so its bytes are as trusted as the worker's own code
     lists, ports, any_port, source, service_ports = pickle.loads(blob)
-    nodes = [tuple(Node(*values) for values in node_list) or EMPTY for node_list in lists]
+    nodes = [_unpack(node_list) for node_list in lists]
     return ServiceView({port: nodes[i] for port, i in ports.items()},
                        None if any_port is None else nodes[any_port], source, service_ports)
 
@@ -205,11 +241,98 @@ def records(body: bytes | memoryview) -> Iterator[tuple[ServiceKey, bytes]]:
         raise ValueError("a record runs past the end of its frame")
 
 
+def full_body(snapshot: Mapping[ServiceKey, ServiceView]) -> bytearray:
+    """Every Service's record, sorted by namespace and name as ``Snapshot.parse`` wants them
+    (str order is the order of their UTF-8 bytes)."""
+    body = bytearray()
+    for key in sorted(snapshot):
+        body += record(key, encode_view(snapshot[key]))  # one record alive at a time
+    return body
+
+
 def frame(kind: str, version: int, body: Iterable[bytes]) -> bytes:
-    """A snapshot (``full``) or the Services that changed (``delta``): a JSON line, then the
-    records."""
+    """A snapshot (``full``, its records sorted by namespace and name) or the Services that
+    changed (``delta``): a JSON line, then the records."""
     header = json.dumps({"type": kind, "version": version, "pid": os.getpid()}).encode()
     return b"".join([header, b"\n", *body])
+
+
+class Snapshot:
+    """What a worker routes by, immutable: the last full snapshot as it arrived (one bytes
+    object; its records are sorted, so a Service is found by bisection over their offsets)
+    and the Services changed since (``changes``; an empty view: gone). A worker keeps no
+    object per Service: 5,000 Services of ten addresses are about 0.6 MB."""
+
+    def __init__(self, body: bytes, offsets: array, changes: dict[ServiceKey, bytes], size: int):
+        self._body, self._offsets, self.changes, self.size = body, offsets, changes, size
+
+    @classmethod
+    def parse(cls, payload: bytes, start: int = 0) -> Snapshot:
+        """The records of a full frame from ``start``; ValueError if they are not in order."""
+        offsets, offset, end, previous = array("I"), start, len(payload), None
+        while offset < end:
+            offsets.append(offset)
+            key = cls._key_at(payload, offset)
+            if previous is not None and key <= previous:
+                raise ValueError("the records of a full snapshot are not sorted")
+            ns_len, name_len, blob_len = _RECORD.unpack_from(payload, offset)
+            offset += _RECORD.size + ns_len + name_len + blob_len
+            previous = key
+        if offset != end:
+            raise ValueError("a record runs past the end of its frame")
+        return cls(payload, offsets, {}, len(offsets))
+
+    @staticmethod
+    def _key_at(body: bytes, offset: int) -> tuple[bytes, bytes]:
+        ns_len, name_len, _ = _RECORD.unpack_from(body, offset)
+        offset += _RECORD.size
+        return body[offset:offset + ns_len], body[offset + ns_len:offset + ns_len + name_len]
+
+    def _base(self, key: ServiceKey) -> bytes | None:
+        wanted = (key[0].encode(), key[1].encode())
+        i = bisect.bisect_left(self._offsets, wanted, key=lambda o: self._key_at(self._body, o))
+        if i == len(self._offsets) or self._key_at(self._body, self._offsets[i]) != wanted:
+            return None
+        offset = self._offsets[i]
+        ns_len, name_len, blob_len = _RECORD.unpack_from(self._body, offset)
+        offset += _RECORD.size + ns_len + name_len
+        return self._body[offset:offset + blob_len]
+
+    def get(self, key: ServiceKey) -> bytes | None:
+        blob = self.changes.get(key)
+        if blob is None:
+            return self._base(key)
+        return blob or None
+
+    def changed(self, changes: Iterable[tuple[ServiceKey, bytes]]) -> Snapshot:
+        """This snapshot with a delta's records applied; rewritten whole once the changes
+        are a quarter of it, so they never outgrow it."""
+        merged, size = dict(self.changes), self.size
+        for key, blob in changes:
+            before = bool(merged[key]) if key in merged else self._base(key) is not None
+            size += bool(blob) - before
+            merged[key] = blob
+        out = Snapshot(self._body, self._offsets, merged, size)
+        if len(merged) > max(256, len(self._offsets) // 4):
+            out = Snapshot.parse(b"".join(record(key, blob) for key, blob in sorted(out.items())))
+        return out
+
+    def items(self) -> Iterator[tuple[ServiceKey, bytes]]:
+        for offset in self._offsets:
+            ns_len, name_len, blob_len = _RECORD.unpack_from(self._body, offset)
+            offset += _RECORD.size
+            key = (self._body[offset:offset + ns_len].decode(),
+                   self._body[offset + ns_len:offset + ns_len + name_len].decode())
+            if key not in self.changes:
+                offset += ns_len + name_len
+                yield key, self._body[offset:offset + blob_len]
+        yield from ((key, blob) for key, blob in self.changes.items() if blob)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+EMPTY_SNAPSHOT = Snapshot(b"", array("I"), {}, 0)
 
 
 # -- the worker's part --
@@ -225,8 +348,9 @@ class SharedRegistry:
         self._key = registry_key(config)
         self._subscription = json.dumps({"op": "subscribe", "name": self._key[0], "hash": self._key[1],
                                          "config": config_fields(config)}).encode()
-        # the request path reads these two without a lock: both are swapped or set whole
-        self._snapshot: dict[ServiceKey, bytes] = {}
+        # the request path reads both without a lock: the snapshot is swapped whole, and a
+        # view is set whole (under _decode_lock) for each Service a request asked for
+        self._snapshot = EMPTY_SNAPSHOT
         self._views: dict[ServiceKey, tuple[bytes, ServiceView]] = {}
         self._decode_lock = threading.Lock()
         self._ready = False
@@ -271,12 +395,10 @@ class SharedRegistry:
     # -- the request path --
 
     def nodes(self, namespace: str, service: str, port: str) -> tuple[Node, ...] | None:
-        key = (namespace, service)
-        blob = self._snapshot.get(key)
-        if blob is None:
+        cached = self._views.get((namespace, service))
+        view = cached[1] if cached is not None else self._view((namespace, service))
+        if view is None:
             return None
-        cached = self._views.get(key)
-        view = cached[1] if cached is not None and cached[0] is blob else self._view(key, blob)
         nodes = view.ports.get(port)
         if nodes is not None:
             return nodes
@@ -284,16 +406,34 @@ class SharedRegistry:
             return view.any_port
         return EMPTY
 
-    def _view(self, key: ServiceKey, blob: bytes) -> ServiceView:
-        """The first request for a Service (or for its new version) builds its view; node
-        lists that did not change keep their tuple, which the balancer compares."""
+    def _view(self, key: ServiceKey) -> ServiceView | None:
+        """The first request for a Service builds its view; the reader thread keeps it
+        current from then on (``_refresh``)."""
+        if self._snapshot.get(key) is None:  # an unknown Service takes no lock
+            return None
         with self._decode_lock:
             cached = self._views.get(key)
-            if cached is not None and cached[0] is blob:
+            if cached is not None:
                 return cached[1]
-            view = keep_unchanged(decode_view(blob), cached[1] if cached is not None else None)
+            blob = self._snapshot.get(key)
+            if blob is None:
+                return None
+            view = decode_view(blob)
             self._views[key] = (blob, view)
             return view
+
+    def _refresh(self, keys: Iterable[ServiceKey]) -> None:
+        """Under _decode_lock: the views of these Services, from the current snapshot; node
+        lists that did not change keep their tuple, which the balancer compares."""
+        for key in keys:
+            cached = self._views.get(key)
+            if cached is None:
+                continue
+            blob = self._snapshot.get(key)
+            if blob is None:
+                del self._views[key]
+            elif blob != cached[0]:
+                self._views[key] = (blob, keep_unchanged(decode_view(blob), cached[1]))
 
     # -- following the discovery process (reader thread) --
 
@@ -378,24 +518,19 @@ class SharedRegistry:
             first = False
 
     def _apply(self, payload: bytes, first: bool) -> None:
-        header = payload[:payload.index(b"\n")]
-        meta = json.loads(header)
+        start = payload.index(b"\n") + 1
+        meta = json.loads(payload[:start])
         full = meta["type"] == "full"
         if first and not full:
             raise ValueError("the discovery process sent a change before its snapshot")
-        old = self._snapshot
-        new = {} if full else dict(old)  # copy on write: requests keep the one they hold
-        removed = False
-        for key, blob in records(memoryview(payload)[len(header) + 1:]):
-            if blob:
-                before = old.get(key)
-                new[key] = before if before == blob else blob  # unchanged: the views stay
-            else:
-                removed = new.pop(key, None) is not None or removed
-        self._snapshot = new
-        if full or removed:
-            for key in [k for k in self._views if k not in new]:
-                self._views.pop(key, None)
+        if full:  # kept as it came: no copy, no object per Service
+            new, touched = Snapshot.parse(payload, start), None
+        else:
+            changes = list(records(memoryview(payload)[start:]))
+            new, touched = self._snapshot.changed(changes), [key for key, _ in changes]
+        with self._decode_lock:
+            self._snapshot = new
+            self._refresh(list(self._views) if touched is None else touched)
         self.version = meta["version"]
         self.discovery_pid = meta["pid"]
         self.updated = time.time()
