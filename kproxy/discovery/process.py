@@ -94,6 +94,10 @@ class Subscriber:
             except OSError:
                 self.close()
                 return
+            except Exception:  # a snapshot that cannot be encoded: the worker reconnects, not waits
+                log.exception("encoding the full snapshot for a worker failed")
+                self.close()
+                return
 
     def close(self) -> None:
         self.closed = True
