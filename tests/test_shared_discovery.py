@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from .conftest import ROOT, EchoApp, GatewayProcess, free_port, session, wait_until
+from .conftest import ROOT, EchoApp, GatewayProcess, discovery_ini, free_port, session, wait_until
 from .test_discovery_kubernetes import TcpRelay
 from .test_operations import Traffic
 
@@ -28,31 +28,9 @@ HOST = "echo.test"
 
 def ini(kube, namespace: str, token_file: Path, workers: int, api_server: str | None = None,
         label_selector: str = "", extra_api: bool = False) -> str:
-    text = f"""
-[kproxy]
-workers = {workers}
-threads = 4
-keepalive_timeout = 120
-
-[registry:k]
-type = kubernetes
-api_server = {api_server or kube.url}
-token_file = {token_file}
-ca_file = {kube.ca_file}
-namespace_pattern = {namespace}
-label_selector = {label_selector}
-
-[service:echo]
-host = {HOST}
-registry = k
-namespace = {namespace}
-service_name = echo
-port = http
-
-[api:echo]
-service = echo
-path = /
-"""
+    text = discovery_ini(kube, namespace, token_file, host=HOST, api_server=api_server,
+                         kproxy={"workers": workers, "threads": 4, "keepalive_timeout": 120},
+                         registry={"label_selector": label_selector})
     if extra_api:
         text += "\n[service:extra]\nhost = extra.test\nnodes = 127.0.0.1:9\n\n[api:extra]\nservice = extra\npath = /\n"
     return text
@@ -71,12 +49,6 @@ def point_at(kube, namespace: str, node_port: int) -> None:
                 "addressType": "IPv4", "ports": [{"name": "http", "port": node_port}],
                 "endpoints": [{"addresses": ["127.0.0.1"]}]})
 
-
-@pytest.fixture
-def token_file(kube, tmp_path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(kube.admin_token)
-    return path
 
 
 @pytest.fixture
