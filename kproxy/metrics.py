@@ -152,6 +152,7 @@ atexit.register(flush)
 # was a tenth of kproxy's own time per request (docs/performance.rst)
 _request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 _upstream_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+_zone_children: dict[tuple[str, str], Any] = {}
 
 
 def observe(record: RequestRecord) -> None:
@@ -181,8 +182,12 @@ def observe(record: RequestRecord) -> None:
         UPSTREAM_ERRORS.labels(record.service, kind).inc()
         if kind.startswith("connect") or kind == "tls":
             CONNECT_FAILURES.labels(record.service).inc()
-    if record.node is not None and record.locality != "unknown":
-        ZONE_REQUESTS.labels(record.service, record.locality).inc()
+    if record.node is not None and record.locality != "unknown":  # every request, once zones are known
+        zone_key = (record.service, record.locality)
+        zone = _zone_children.get(zone_key)
+        if zone is None:
+            zone = _zone_children.setdefault(zone_key, ZONE_REQUESTS.labels(*zone_key))
+        batch.inc(zone)
     if record.attempts > 1:
         RETRIES.labels(record.service).inc(record.attempts - 1)
     if record.ejections:
