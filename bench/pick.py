@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     busy = Upstream("svc", lambda: zoned, zone="a", slow_start=3600)
     busy.pick()
     busy._ramp_from[zoned[1]] = busy._clock()  # one node slow-starting for the whole run
-    busy.set_health(zoned[3], False)
+    busy.set_unhealthy({(zoned[3].host, zoned[3].port)})
     every_step = per_pick(busy, args.picks)
 
     print(f"pick over {args.nodes} nodes, ns per pick (best of 5 x {args.picks:,}):")

@@ -28,7 +28,7 @@ from .discovery import Registry, all_ready
 if TYPE_CHECKING:
     from .config import Config, RegistryConfig
     from .record import RequestRecord
-    from .health import HealthChecker
+    from .health import HealthChecker, SharedHealthChecker
     from .upstream import Upstream
 
 Answer = tuple[int, bytes, str] | tuple[int, bytes, str, list[tuple[str, str]]]
@@ -42,7 +42,7 @@ class Admin:
 
     def __init__(self, allow: Sequence[Network], configs: Mapping[str, RegistryConfig],
                  registries: Mapping[str, Registry], config: Config, upstreams: Mapping[str, Upstream],
-                 health_checkers: Sequence[HealthChecker] = ()):
+                 health_checkers: Sequence[HealthChecker | SharedHealthChecker] = ()):
         self.allow = allow
         self.configs = configs
         self.registries = registries

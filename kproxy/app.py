@@ -35,7 +35,7 @@ from .record import RequestRecord
 from .body import BodyTooLarge, ClientDisconnected, RelayedBody
 from .client import client_address
 from .discovery import Registry, all_ready, create_registry
-from .health import HealthCheck, HealthChecker
+from .health import HealthCheck, HealthChecker, SharedHealthChecker
 from .headers import add_forwarded_headers, request_headers, response_headers, upgrade_protocol
 from .http1 import InvalidRequest
 from .pool import TLSPolicy
@@ -76,7 +76,8 @@ class ActiveConfig:
     def __init__(self, config: Config, registries: Mapping[str, Registry]):
         self.config = config
         self.registries = registries
-        self.health_checkers: list[HealthChecker] = []  # started with the registries, after fork
+        # started with the registries, after fork
+        self.health_checkers: list[HealthChecker | SharedHealthChecker] = []
         self.router = Router()
         upstreams = {name: self._upstream(service) for name, service in config.services.items()}
         for api in config.apis.values():
@@ -106,8 +107,21 @@ class ActiveConfig:
                                 service.health_check_timeout, service.healthy_threshold,
                                 service.unhealthy_threshold,
                                 service.upstream_host if service.pass_host == "rewrite" else None)
-            self.health_checkers.append(HealthChecker(upstream, check))
+            self.health_checkers.append(self._health_checker(upstream, check, service))
         return upstream
+
+    def _health_checker(self, upstream: Upstream, check: HealthCheck,
+                        service: ServiceConfig) -> HealthChecker | SharedHealthChecker:
+        from .discovery import shared
+        if not shared.enabled():
+            return HealthChecker(upstream, check)
+        # workers > 1: the pod's discovery process checks, once for every worker
+        if service.nodes is not None:
+            source: dict[str, Any] = {"nodes": [[n.host, n.port, n.weight] for n in service.nodes]}
+        else:
+            source = {"registry": list(shared.registry_key(self.config.registries[service.registry])),
+                      "namespace": service.namespace, "service": service.service_name, "port": service.port}
+        return SharedHealthChecker(upstream, check, source)
 
 
 class Gateway:

@@ -393,7 +393,8 @@ class ServiceConfig:
                                 "ejection or a failed health check, ramps from 10% to its full weight. 0: off.")
     health_check_path: str | None = setting(_path, None,
                                             "Active health checks when set: ``GET`` this path on every node "
-                                            "(2xx/3xx = healthy), from each worker.")
+                                            "(2xx/3xx = healthy); once per pod (its discovery process) "
+                                            "with workers > 1.")
     health_check_interval: float = setting(_positive_seconds, 5.0, "Seconds between checks of each node.")
     health_check_timeout: float = setting(_positive_seconds, 2.0,
                                           "Seconds for a check's answer head; no answer in time = failed.")

@@ -5,26 +5,38 @@ checks in a row, back in (slowly, if the service has ``slow_start``) after
 
     checker = HealthChecker(upstream, HealthCheck("/healthz", interval=5, timeout=2))
     checker.start()     # after fork: one daemon thread per checked upstream
+    checker.unhealthy   # the addresses it took out
     checker.stop()
 
 A check passes on a 2xx or 3xx answer within ``timeout`` (connect and whole answer
 head); a refused connection, a timeout, another status or a malformed answer fails it.
 Checks go to every current node, whether or not it is ejected, so a node that comes back
-is seen. Each worker process checks on its own: a pod with N workers sends N checks per
-node and interval (docs/reliability.rst).
+is seen; a node that discovery removed is not checked again.
+
+Under gunicorn with shared discovery (workers > 1), the checks run once per pod: the
+pod's discovery process runs a ``HealthChecker`` per service and sends its verdicts to
+every worker, whose ``SharedHealthChecker`` applies them to its own upstream::
+
+    checker = SharedHealthChecker(upstream, check, {"nodes": [["10.0.0.7", 8080, 1]]})
+    checker.start()     # subscribes; the verdict so far arrives at once, then after each round
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import http.client
+import json
 import logging
+import os
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from . import metrics
+from .discovery.shared import Follower
 from .node import Node
 from .pool import TLSPolicy
 from .upstream import NoNodes, Upstream
@@ -69,16 +81,27 @@ def probe(node: Node, check: HealthCheck, scheme: str = "http", tls: TLSPolicy |
         conn.close()
 
 
+Address = tuple[str, int]
+
+
 class HealthChecker:
-    """Checks every node of ``upstream`` on one daemon thread."""
+    """Checks every node of ``upstream`` on one daemon thread, and tells the upstream
+    which nodes are out (``Upstream.set_unhealthy``) whenever that changes.
+    ``on_update()`` runs after each change and after each round (the pod's discovery
+    process sends the verdicts on to the workers from it)."""
 
     def __init__(self, upstream: Upstream, check: HealthCheck,
-                 probe: Callable[[Node, HealthCheck, str, TLSPolicy | None], str | None] = probe):
+                 probe: Callable[[Node, HealthCheck, str, TLSPolicy | None], str | None] = probe,
+                 on_update: Callable[[], None] | None = None, unhealthy: Iterable[Address] = ()):
         self.upstream = upstream
         self.check = check
         self._probe = probe
-        self._streaks: dict[tuple[str, int], int] = {}  # address -> passes (> 0) or failures (< 0) in a row
-        self.last: dict[tuple[str, int], str | None] = {}  # address -> why its last check failed (None: passed)
+        self._on_update = on_update
+        # ``unhealthy``: a verdict this checker takes over (a discovery process that replaces
+        # one that died): those nodes stay out until they pass healthy_threshold checks
+        self.unhealthy: frozenset[Address] = frozenset(unhealthy)
+        self._streaks: dict[Address, int] = dict.fromkeys(self.unhealthy, -check.unhealthy_threshold)
+        self.last: dict[Address, str | None] = {}  # why its last check failed (None: passed)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.checks = 0
@@ -105,7 +128,7 @@ class HealthChecker:
         try:
             nodes = self.upstream.nodes()
         except NoNodes:
-            return
+            nodes = ()
         seen = set()
         for node in nodes:
             if self._stopping.is_set():
@@ -119,9 +142,13 @@ class HealthChecker:
             metrics.health_checked(self.upstream.name, failure is None)
             self.last[address] = failure
             self._record(node, address, failure)
-        for address in set(self._streaks) - seen:  # nodes that left
+        for address in set(self._streaks) - seen:  # nodes that left: a node that returns starts afresh
             self._streaks.pop(address, None)
             self.last.pop(address, None)
+        if not self.unhealthy <= seen:
+            self._set_unhealthy(self.unhealthy & seen)
+        if self._on_update is not None:
+            self._on_update()
 
     def _current(self) -> tuple[Node, ...]:
         try:
@@ -131,27 +158,71 @@ class HealthChecker:
 
     def dump(self) -> dict:
         """For ``/-/discovery``: the check and each node's last result."""
-        c = self.check
-        return {"path": c.path, "interval": c.interval, "timeout": c.timeout,
-                "healthy_threshold": c.healthy_threshold, "unhealthy_threshold": c.unhealthy_threshold,
-                "checks": self.checks,
+        return {**_settings(self.check), "checks": self.checks, "checked_by": os.getpid(),
                 "nodes": {f"{h}:{p}" if ":" not in h else f"[{h}]:{p}": {
                     "last": "pass" if why is None else f"fail: {why}", "streak": self._streaks.get((h, p), 0)}
                     for (h, p), why in sorted(self.last.items())}}
 
-    def _record(self, node: Node, address: tuple[str, int], failure: str | None) -> None:
+    def _record(self, node: Node, address: Address, failure: str | None) -> None:
         streak = self._streaks.get(address, 0)
         check = self.check
         if failure is None:
             streak = streak + 1 if streak > 0 else 1
-            if streak == check.healthy_threshold:
-                if self.upstream.is_unhealthy(node):
-                    log.info("upstream %s node %s: healthy again", self.upstream.name, node.address)
-                self.upstream.set_health(node, True)
+            if streak == check.healthy_threshold and address in self.unhealthy:
+                log.info("upstream %s node %s: healthy again", self.upstream.name, node.address)
+                self._set_unhealthy(self.unhealthy - {address})
         else:
             streak = streak - 1 if streak < 0 else -1
             if -streak == check.unhealthy_threshold:
                 log.warning("upstream %s node %s: unhealthy (%s, %d checks in a row)", self.upstream.name,
                             node.address, failure, -streak)
-                self.upstream.set_health(node, False)
+                self._set_unhealthy(self.unhealthy | {address})
         self._streaks[address] = streak
+
+    def _set_unhealthy(self, addresses: frozenset[Address]) -> None:
+        self.unhealthy = addresses
+        self.upstream.set_unhealthy(addresses)
+        if self._on_update is not None:  # a node out of rotation is news at once, not after the round
+            self._on_update()
+
+
+class SharedHealthChecker(Follower):
+    """The checks of ``upstream`` as the pod's discovery process runs them, once for all
+    workers; their verdicts are applied to this worker's upstream as they arrive, and
+    kept while the discovery process is away. ``source`` says where the process finds
+    the nodes: ``{"nodes": [[host, port, weight], ...]}``, or ``{"registry": [name,
+    hash], "namespace": ..., "service": ..., "port": ...}`` (``shared.registry_key``)."""
+
+    def __init__(self, upstream: Upstream, check: HealthCheck, source: dict[str, Any],
+                 directory: str | None = None):
+        self.upstream = upstream
+        self.check = check
+        tls = [upstream.tls.ca_file, upstream.tls.verify] if upstream.tls is not None else None
+        spec = {"service": upstream.name, "check": dataclasses.asdict(check), "scheme": upstream.scheme,
+                "tls": tls, "source": source}
+        text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        # workers with the same settings share one checker in the discovery process
+        self._request = {"op": "health", "name": upstream.name, "hash": hashlib.sha256(text.encode()).hexdigest(),
+                         "spec": spec}
+        super().__init__(f"health checks of {upstream.name}", f"kproxy-health-{upstream.name}", directory)
+        self._unhealthy: list[list[Any]] = []  # the last verdict, as it came
+        self._dump: dict[str, Any] = {}
+
+    def _subscription(self) -> bytes:
+        # with the verdict so far: a discovery process that replaces a dead one starts from
+        # it, so no node that was out comes back before it passes its checks
+        return json.dumps({**self._request, "unhealthy": self._unhealthy}).encode()
+
+    def _apply(self, payload: bytes, first: bool) -> None:
+        verdict = json.loads(payload)
+        self.upstream.set_unhealthy({(host, port) for host, port in verdict["unhealthy"]})
+        self._unhealthy, self._dump = verdict["unhealthy"], verdict["dump"]
+
+    def dump(self) -> dict:
+        """The discovery process's dump as it came with the last verdict (the same from
+        every worker), and whether this worker follows it now."""
+        return {**_settings(self.check), "checks": 0, "nodes": {}, **self._dump, "connected": self.connected}
+
+
+def _settings(check: HealthCheck) -> dict[str, Any]:
+    return {name: value for name, value in dataclasses.asdict(check).items() if name != "host"}

@@ -261,7 +261,7 @@ class UpstreamCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         nodes = GaugeMetricFamily("kproxy_upstream_nodes", "Nodes of each service by state, as this worker sees "
-                                  "them (health checks and ejections are each worker's own)",
+                                  "them (ejections are each worker's own; with workers > 1, health checks the pod's)",
                                   labels=["service", "state"])
         for name, upstream in self.upstreams.items():
             counts: dict[str, int] = {}

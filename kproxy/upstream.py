@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import IO, TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Collection, Iterable, Protocol, Sequence
 
 from .node import Node
 from .transport import ConnectFailed, UpstreamFailure, UpstreamResponse
@@ -144,6 +144,7 @@ class Upstream:
         self._current: dict[Node, float] = {}
         self._ejected: dict[Node, float] = {}    # node -> time it may come back
         self._unhealthy: set[Node] = set()       # failing active health checks
+        self._unhealthy_addresses: frozenset[tuple[str, int]] = frozenset()  # the checks' verdict
         self._ramp_from: dict[Node, float] = {}  # node -> time its slow start began
 
     def nodes(self) -> tuple[Node, ...]:
@@ -214,7 +215,8 @@ class Upstream:
         self._nodes = nodes
         self._current = {n: self._current.get(old, 0.0) if old else 0.0 for n, old in moved.items()}
         self._ejected = {n: self._ejected[old] for n, old in moved.items() if old in self._ejected}
-        self._unhealthy = {n for n, old in moved.items() if old in self._unhealthy}
+        # by address: a verdict on a node this upstream had not seen yet applies when it comes
+        self._unhealthy = {n for n in nodes if (n.host, n.port) in self._unhealthy_addresses}
         ramps = {n: self._ramp_from[old] for n, old in moved.items() if old in self._ramp_from}
         if self.slow_start and not first:  # the first sync is never slowed
             now = self._clock()
@@ -233,33 +235,23 @@ class Upstream:
             if self.slow_start:
                 self._ramp_from[node] = until
 
-    def set_health(self, node: Node, healthy: bool) -> None:
-        """What the active health checks concluded (after their thresholds)."""
+    def set_unhealthy(self, addresses: Collection[tuple[str, int]]) -> None:
+        """The active health checks' verdict on every node: these ``(host, port)`` are out
+        of rotation, the rest in; a node that comes back ramps up (``slow_start``)."""
         with self._lock:
-            node = self._current_node(node)
-            if node is None:
-                return
-            if not healthy:
-                self._unhealthy.add(node)
-            elif node in self._unhealthy:
-                self._unhealthy.discard(node)
-                if self.slow_start:
-                    self._ramp_from[node] = self._clock()
+            nodes = self._source()  # the checks may come before any request
+            if nodes and nodes is not self._nodes:
+                self._adopt(nodes)
+            self._unhealthy_addresses = frozenset(addresses)
+            returning = [n for n in self._unhealthy if (n.host, n.port) not in self._unhealthy_addresses]
+            if self.slow_start and returning:
+                now = self._clock()
+                for node in returning:
+                    self._ramp_from[node] = now
+            self._unhealthy = {n for n in self._nodes or () if (n.host, n.port) in self._unhealthy_addresses}
 
     def is_unhealthy(self, node: Node) -> bool:
-        with self._lock:
-            return self._current_node(node) in self._unhealthy
-
-    def _current_node(self, node: Node) -> Node | None:
-        # the checks may come before any request: the node is looked up in the source's
-        # list as it is now (adopted, so the mark stays with it)
-        nodes = self._source()
-        if nodes and nodes is not self._nodes:
-            self._adopt(nodes)
-        for n in self._nodes or ():
-            if n.host == node.host and n.port == node.port:
-                return n
-        return None
+        return (node.host, node.port) in self._unhealthy_addresses
 
     def ejected(self) -> list[Node]:
         now = self._clock()

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .conftest import ROOT, EchoApp, GatewayProcess, discovery_ini, free_port, session, wait_until
+from .conftest import ROOT, EchoApp, GatewayProcess, discovery_ini, free_port, ini_lines, session, wait_until
 from .test_discovery_kubernetes import TcpRelay
 from .test_operations import Traffic
 
@@ -490,3 +491,155 @@ def test_a_worker_keeps_the_node_tuples_of_unchanged_services_through_deltas_and
     assert [n.address for n in registry.nodes("ns", "svc-0002", "8080")] == ["10.6.6.6:8080"]
     assert registry.nodes("new", "a", "8080") is None and registry.nodes("ns", "svc-0003", "8080") is not None
     assert registry.dump()["worker"]["services"] == 1001
+
+
+# -- active health checks, once per pod (issue #16) --
+
+class Checked:
+    """A node that echoes requests and answers ``/healthz`` with ``status``, counting the
+    checks it gets."""
+
+    def __init__(self, name: str):
+        self.echo = EchoApp(name)
+        self.status = "200 OK"
+        self.checks = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] != "/healthz":
+            return self.echo(environ, start_response)
+        with self._lock:
+            self.checks += 1
+        start_response(self.status, [("Content-Length", "0")])
+        return []
+
+
+HEALTH = {"health_check_path": "/healthz", "health_check_interval": 0.2, "health_check_timeout": 0.1,
+          "unhealthy_threshold": 2, "healthy_threshold": 2}
+
+
+def static_ini(nodes, workers: int) -> str:
+    return f"""
+[kproxy]
+workers = {workers}
+threads = 4
+keepalive_timeout = 120
+
+[service:echo]
+host = {HOST}
+nodes = {" ".join(f"127.0.0.1:{n.port}" for n in nodes)}
+{ini_lines(HEALTH)}
+[api:echo]
+service = echo
+path = /
+"""
+
+
+def health_dumps(pinned: Pinned) -> dict[int, dict]:
+    return {pid: json.loads(body)["health_checks"]["echo"] for pid, (_, body) in pinned.every("/-/discovery").items()}
+
+
+def checks_metric(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kproxy_health_checks_total{") and 'service="echo"' in line)
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "serve"])
+def test_four_workers_check_each_node_once_per_interval_and_all_follow_the_verdict(upstream, gateways, kind):
+    good, flaky = Checked("good"), Checked("flaky")
+    flaky.status = "500 Internal Server Error"
+    servers = upstream(good), upstream(flaky)
+    gw = gateways(kind, static_ini(servers, workers=4))
+    pinned = Pinned(gw, 4)
+    try:
+        def every_worker_sends_to(names: set[str]) -> bool:
+            return all({pinned.node(pid) for _ in range(6)} == names for pid in pinned.conns)
+        wait_until(lambda: every_worker_sends_to({"good"}), timeout=15)
+
+        # one checker per pod: 0.2 s apart, whatever the number of workers (4 would be ~4 x)
+        before, started = (good.checks, flaky.checks), time.monotonic()
+        time.sleep(3)
+        rounds = (time.monotonic() - started) / HEALTH["health_check_interval"]
+        for server, checks in zip((good, flaky), before):
+            assert rounds / 3 <= server.checks - checks <= rounds * 1.5, (server.checks - checks, rounds)
+
+        discovery, = discovery_processes(gw.process.pid)
+        dumps = health_dumps(pinned)
+        assert {d["checked_by"] for d in dumps.values()} == {discovery}
+        assert all(d["connected"] and d["nodes"][f"127.0.0.1:{servers[1].port}"]["last"] == "fail: status 500"
+                   for d in dumps.values())
+        # counted once, where the checks run: the metric is the checks the nodes got
+        counted = checks_metric(session().get(gw.url + "/-/metrics", timeout=5).text)
+        assert abs(counted - (good.checks + flaky.checks)) <= 4, (counted, good.checks, flaky.checks)
+
+        flaky.status = "200 OK"
+        wait_until(lambda: every_worker_sends_to({"good", "flaky"}), timeout=15)
+    finally:
+        pinned.close()
+    logs = gw.logs()
+    stop_and_check_nothing_left(gw, [discovery])
+    assert "Traceback" not in logs
+
+
+def test_a_node_stays_out_while_the_discovery_process_is_replaced(upstream, gateways):
+    """The verdict outlives the process that made it: workers keep it while no discovery
+    process runs, and the new one starts from it, so the broken node never gets a request."""
+    good, flaky = Checked("good"), Checked("flaky")
+    flaky.status = "500 Internal Server Error"
+    servers = upstream(good), upstream(flaky)
+    gw = gateways("gunicorn", static_ini(servers, workers=4))
+    pinned = Pinned(gw, 4)
+    try:
+        wait_until(lambda: all(pinned.node(pid) == "good" for pid in pinned.conns for _ in range(4)), timeout=15)
+        first, = discovery_processes(gw.process.pid)
+        os.kill(first, signal.SIGKILL)
+        answers = []
+        deadline = time.monotonic() + 4  # past the new process's start and first rounds
+        while time.monotonic() < deadline:
+            answers += [pinned.node(pid) for pid in pinned.conns]
+        second, = [p for p in discovery_processes(gw.process.pid) if p != first]
+        assert set(answers) == {"good"}, answers.count("flaky")
+        assert {d["checked_by"] for d in health_dumps(pinned).values()} == {second}
+    finally:
+        pinned.close()
+    stop_and_check_nothing_left(gw, [first, second])
+
+
+def test_a_discovered_node_is_checked_once_per_pod_and_not_after_discovery_removed_it(
+        kube, namespace, token_file, upstream, gateways):
+    good, flaky = Checked("good"), Checked("flaky")
+    flaky.status = "500 Internal Server Error"
+    servers = upstream(good), upstream(flaky)
+    kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": namespace},
+                "spec": {"ports": [{"name": "http", "port": 80}]}})
+
+    def slice_for(name: str, port: int) -> dict:
+        return {"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": f"echo-{name}", "namespace": namespace,
+                             "labels": {"kubernetes.io/service-name": "echo"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": port}],
+                "endpoints": [{"addresses": ["127.0.0.1"]}]}
+    for name, server in zip(("good", "flaky"), servers):
+        kube.apply(slice_for(name, server.port))
+    gw = gateways("gunicorn", discovery_ini(kube, namespace, token_file, host=HOST, cluster=HEALTH,
+                                            kproxy={"workers": 2, "threads": 4, "keepalive_timeout": 120}))
+    pinned = Pinned(gw, 2)
+    try:
+        wait_until(lambda: all(pinned.node(pid) == "good" for pid in pinned.conns for _ in range(4)), timeout=30)
+        before, started = flaky.checks, time.monotonic()
+        time.sleep(2)
+        rounds = (time.monotonic() - started) / HEALTH["health_check_interval"]
+        assert rounds / 3 <= flaky.checks - before <= rounds * 1.5  # 2 workers, one checker
+        discovery, = discovery_processes(gw.process.pid)
+        assert {d["checked_by"] for d in health_dumps(pinned).values()} == {discovery}
+
+        kube.request("DELETE", f"/apis/discovery.k8s.io/v1beta1/namespaces/{namespace}/endpointslices/echo-flaky")
+        wait_until(lambda: all(f"127.0.0.1:{servers[1].port}" not in d["nodes"]
+                               for d in health_dumps(pinned).values()), timeout=10)
+        gone = flaky.checks
+        time.sleep(1)
+        assert flaky.checks == gone, "a node discovery removed is still checked"
+        assert good.checks > 0 and all(pinned.node(pid) == "good" for pid in pinned.conns)
+    finally:
+        pinned.close()
+    stop_and_check_nothing_left(gw, [discovery])

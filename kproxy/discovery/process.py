@@ -1,13 +1,15 @@
-"""The pod's discovery process: one ``KubernetesRegistry`` per registry config, for every
-gunicorn worker (``kproxy.discovery.shared`` explains the layout and the channel)::
+"""The pod's discovery process: one ``KubernetesRegistry`` per registry config, and one
+``HealthChecker`` per health-checked service, for every gunicorn worker
+(``kproxy.discovery.shared`` explains the layout and the channel)::
 
     python -m kproxy.discovery.process --dir DIR --master PID [--lock-fd FD]
 
-A worker starts it (``SharedRegistry._elect``) and hands it ``DIR/lock``, locked; it
-serves ``DIR/socket`` until the master ``PID`` exits or the directory is removed. A
-registry runs while a worker subscribes to it, and ``GRACE`` seconds after the last one
-left, so a restarting worker, or a reload that keeps the registry, finds its cache and
-watches still there, and a reload that changed it lets the old one go.
+A worker starts it (``Follower._elect``) and hands it ``DIR/lock``, locked; it serves
+``DIR/socket`` until the master ``PID`` exits or the directory is removed. A registry, or
+a service's checks, run while a worker subscribes to them, and ``GRACE`` seconds after the
+last one left, so a restarting worker, or a reload that keeps them, finds the cache, the
+watches and the health verdicts still there, and a reload that changed them lets the old
+ones go.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+from ..health import HealthCheck, HealthChecker
+from ..node import Node
+from ..pool import TLSPolicy
+from ..upstream import NodeSource, RegistryNodes, StaticNodes, Upstream
 from .endpoints import ServiceKey, ServiceView
 from .kubernetes import KubernetesRegistry
 from .shared import (LOCK, SOCKET, config_from_fields, encode_view, frame, full_body, read_frame, record, registry_key,
@@ -108,20 +114,39 @@ class Subscriber:
             pass
 
 
-class Channel:
+class Followed:
+    """What workers subscribe to, and who does; idle since the last one left."""
+
+    def __init__(self, key: tuple[str, str]):
+        self.key = key
+        self._lock = threading.Lock()
+        self._followers: set[Subscriber] = set()
+        self._waiting: set[Subscriber] = set()  # subscribed, not yet sent their first frame
+        self.idle_since: float | None = time.monotonic()
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._followers.discard(subscriber)
+            self._waiting.discard(subscriber)
+            if not self._followers and not self._waiting:
+                self.idle_since = time.monotonic()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            for subscriber in self._followers | self._waiting:
+                subscriber.close()
+
+
+class Channel(Followed):
     """One registry and the workers that follow it: the full snapshot to each new one once
     the registry has listed, then every change as the Services it touched."""
 
     def __init__(self, key: tuple[str, str], registry: KubernetesRegistry):
-        self.key = key
+        super().__init__(key)
         self.registry = registry
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._published: dict[ServiceKey, ServiceView] = {}
         self._version = 0
-        self._followers: set[Subscriber] = set()
-        self._waiting: set[Subscriber] = set()  # given the full snapshot once the registry is ready
-        self.idle_since: float | None = time.monotonic()
         self._stopped = threading.Event()
         registry.add_listener(self._wake.set)
 
@@ -133,22 +158,13 @@ class Channel:
         self._stopped.set()
         self._wake.set()
         self.registry.stop()
-        with self._lock:
-            for subscriber in self._followers | self._waiting:
-                subscriber.close()
+        self._close_all()
 
     def subscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
             self._waiting.add(subscriber)
             self.idle_since = None
         self._wake.set()
-
-    def unsubscribe(self, subscriber: Subscriber) -> None:
-        with self._lock:
-            self._followers.discard(subscriber)
-            self._waiting.discard(subscriber)
-            if not self._followers and not self._waiting:
-                self.idle_since = time.monotonic()
 
     def _publish_loop(self) -> None:
         # one thread publishes: a burst of events costs one pass over the snapshot
@@ -188,14 +204,76 @@ class Channel:
                 self._waiting.clear()
 
 
+class HealthChannel(Followed):
+    """One service's active health checks, run here once for every worker that routes to
+    it: each worker gets the verdict so far when it subscribes, then after every change
+    and every round (``SharedHealthChecker`` applies it)."""
+
+    def __init__(self, key: tuple[str, str], spec: Mapping[str, Any], hub: Hub,
+                 unhealthy: Iterable[tuple[str, int]] = ()):
+        super().__init__(key)
+        tls = spec["tls"]
+        upstream = Upstream(spec["service"], _node_source(spec["source"], hub), scheme=spec["scheme"],
+                            tls=TLSPolicy(*tls) if tls else None)
+        # ``unhealthy``: the first worker's last verdict, from the process this one replaces
+        self.checker = HealthChecker(upstream, HealthCheck(**spec["check"]), on_update=self._publish,
+                                     unhealthy=unhealthy)
+
+    def start(self) -> None:
+        self.checker.start()
+
+    def stop(self) -> None:
+        self.checker.stop()
+        self._close_all()
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._followers.add(subscriber)
+            self.idle_since = None
+            subscriber.send(self._verdict())
+
+    def _publish(self) -> None:
+        verdict = self._verdict()
+        with self._lock:
+            for subscriber in self._followers:
+                subscriber.send(verdict)
+
+    def _verdict(self) -> bytes:
+        checker = self.checker
+        return json.dumps({"unhealthy": sorted(checker.unhealthy), "dump": checker.dump()}).encode()
+
+
+def _node_source(source: Mapping[str, Any], hub: Hub) -> NodeSource:
+    if "nodes" in source:
+        return StaticNodes(tuple(Node(host, port, weight) for host, port, weight in source["nodes"]))
+    return RegistryNodes(_RegistryLookup(hub, tuple(source["registry"])), source["namespace"], source["service"],
+                         source["port"])
+
+
+class _RegistryLookup:
+    """The nodes of the registry the workers follow under ``key``, while it runs here."""
+
+    def __init__(self, hub: Hub, key: tuple[str, str]):
+        self._hub, self._key = hub, key
+
+    def nodes(self, namespace: str, service: str, port: str) -> tuple[Node, ...] | None:
+        channel = self._hub.channel(self._key)
+        return channel.registry.nodes(namespace, service, port) if channel is not None else None
+
+
 class Hub:
-    """The channels by (name, config hash), and the socket workers reach them on."""
+    """The registries' channels and the services' health channels, each by (name, hash of
+    its settings), and the socket workers reach them on."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, SOCKET)
         self._channels: dict[tuple[str, str], Channel] = {}
+        self._health: dict[tuple[str, str], HealthChannel] = {}
         self._lock = threading.Lock()
+
+    def channel(self, key: tuple[str, str]) -> Channel | None:
+        return self._channels.get(key)
 
     def serve(self, listener: socket.socket, master_fd: int, identity: int) -> None:
         """Until the master exits or the socket file ``identity`` (its inode) is gone."""
@@ -221,12 +299,17 @@ class Hub:
 
     def _stop_idle(self) -> None:
         now = time.monotonic()
+        idle: list[Followed] = []
         with self._lock:
-            idle = [c for c in self._channels.values() if c.idle_since is not None and now - c.idle_since > GRACE]
-            for channel in idle:
-                del self._channels[channel.key]
+            for followed in (self._channels, self._health):
+                gone = [c for c in followed.values() if c.idle_since is not None and now - c.idle_since > GRACE]
+                for channel in gone:
+                    del followed[channel.key]
+                idle += gone
         for channel in idle:
-            log.info("registry %s: no worker follows it any more; stopping its watches", channel.key[0])
+            log.info("%s %s: no worker follows it any more; stopping %s", *(
+                ("registry", channel.key[0], "its watches") if isinstance(channel, Channel) else
+                ("service", channel.key[0], "its health checks")))
             threading.Thread(target=channel.stop, daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
@@ -238,7 +321,14 @@ class Hub:
             request = json.loads(payload)
             key = (request["name"], request["hash"])
             if request["op"] == "subscribe":
-                self._follow(conn, reader, key, request["config"])
+                config = config_from_fields(request["config"])
+                if registry_key(config) != key:
+                    raise ValueError(f"registry {key[0]}: the config does not match its hash")
+                self._follow(conn, reader, self._channels, key, lambda: Channel(key, KubernetesRegistry(config)))
+                return
+            if request["op"] == "health":
+                spec, verdict = request["spec"], [(host, port) for host, port in request.get("unhealthy", ())]
+                self._follow(conn, reader, self._health, key, lambda: HealthChannel(key, spec, self, verdict))
                 return
             with self._lock:
                 channel = self._channels.get(key)
@@ -256,15 +346,17 @@ class Hub:
         finally:
             conn.close()
 
-    def _follow(self, conn: socket.socket, reader: Any, key: tuple[str, str], fields: dict[str, Any]) -> None:
-        config = config_from_fields(fields)
-        if registry_key(config) != key:
-            raise ValueError(f"registry {key[0]}: the config does not match its hash")
-        with self._lock:
-            channel = self._channels.get(key)
+    def _follow(self, conn: socket.socket, reader: Any, channels: dict[tuple[str, str], Any],
+                key: tuple[str, str], make: Callable[[], Channel | HealthChannel]) -> None:
+        """Subscribe the worker on ``conn`` to the channel ``key`` (made and started if it
+        is not running) until the worker leaves."""
+        with self._lock:  # never subscribed to a channel that _stop_idle is taking away
+            channel = channels.get(key)
             if channel is None:
-                log.info("registry %s: starting its watches for the workers (config %s)", key[0], key[1][:12])
-                channel = self._channels[key] = Channel(key, KubernetesRegistry(config))
+                log.info("%s %s: starting its %s for the workers (config %s)", *(
+                    ("registry", key[0], "watches") if channels is self._channels else
+                    ("service", key[0], "health checks")), key[1][:12])
+                channel = channels[key] = make()
                 channel.start()
             subscriber = Subscriber(conn)
             channel.subscribe(subscriber)

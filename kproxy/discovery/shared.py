@@ -337,43 +337,31 @@ EMPTY_SNAPSHOT = Snapshot(b"", array("I"), {}, 0)
 
 # -- the worker's part --
 
-class SharedRegistry:
-    """A registry that follows the pod's discovery process (see the module docstring)."""
+class Follower:
+    """One subscription of this worker to the pod's discovery process, kept on its own
+    thread: it connects (starting the process when none answers, see the module
+    docstring), sends ``_subscription()`` and hands every frame to ``_apply``; when the
+    connection is lost it reconnects and subscribes again. Subclasses say what they
+    subscribe to and what a frame means."""
 
-    type = "kubernetes"
-
-    def __init__(self, config: RegistryConfig, directory: str | None = None):
-        self.config = config
+    def __init__(self, name: str, thread_name: str, directory: str | None = None):
+        self.name = name  # for the log: "registry k", "health checks of web"
+        self._thread_name = thread_name
         self._dir = directory or os.environ[ENV]
-        self._key = registry_key(config)
-        self._subscription = json.dumps({"op": "subscribe", "name": self._key[0], "hash": self._key[1],
-                                         "config": config_fields(config)}).encode()
-        # the request path reads both without a lock: the snapshot is swapped whole, and a
-        # view is set whole (under _decode_lock) for each Service a request asked for
-        self._snapshot = EMPTY_SNAPSHOT
-        self._views: dict[ServiceKey, tuple[bytes, ServiceView]] = {}
-        self._decode_lock = threading.Lock()
-        self._ready = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
         self._child: subprocess.Popen | None = None
         self._master = os.getppid()
         self.connected = False
-        self.version = 0            # of the last frame applied
-        self.discovery_pid: int | None = None
-        self.updated: float | None = None
         self.reconnects = 0
         self.spawned = 0            # discovery processes this worker started
-        self._last_stats: RegistryStats | None = None
-
-    # -- lifecycle --
 
     def start(self) -> None:
-        if self._thread is not None or not self.config.enabled:
+        if self._thread is not None:
             return
         self._master = os.getppid()
-        self._thread = threading.Thread(target=self._run, name=f"kproxy-{self.config.name}-shared", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -386,6 +374,136 @@ class SharedRegistry:
                 pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+
+    def _subscription(self) -> bytes:
+        raise NotImplementedError
+
+    def _apply(self, payload: bytes, first: bool) -> None:
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        """The connection is gone (the reader thread reconnects next)."""
+
+    def _run(self) -> None:
+        lost_at: float | None = None
+        while not self._stopping.is_set():
+            sock = self._connect()
+            if sock is None:
+                self._reap()
+                self._elect()
+                self._stopping.wait(RETRY)
+                continue
+            if lost_at is not None:
+                self.reconnects += 1
+                log.info("%s: reached the discovery process again after %.1f s", self.name,
+                         time.monotonic() - lost_at)
+            try:
+                self._follow(sock)
+            except (OSError, ValueError, KeyError) as e:
+                if not self._stopping.is_set():
+                    log.warning("%s: the discovery process connection failed: %s", self.name, e)
+            finally:
+                self.connected = False
+                self._sock = None
+                sock.close()
+            if not self._stopping.is_set():
+                lost_at = time.monotonic()
+                self._lost()
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.path.join(self._dir, SOCKET))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def _elect(self) -> None:
+        """Start a discovery process if none holds the lock (none runs or is starting)."""
+        if os.getppid() != self._master:  # the master is gone: so is the pod
+            return
+        try:
+            fd = os.open(os.path.join(self._dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:  # the master removed the directory: it is exiting
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            # the child inherits the locked file: the lock passes to it, never released between
+            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", self._dir,
+                       "--master", str(self._master), "--lock-fd", str(fd)]
+            log.info("%s: no discovery process answers; starting one", self.name)
+            self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+            self.spawned += 1
+        finally:
+            os.close(fd)
+
+    def _reap(self) -> None:
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    def _follow(self, sock: socket.socket) -> None:
+        self._sock = sock
+        if self._stopping.is_set():
+            return
+        send_frame(sock, self._subscription())
+        self.connected = True
+        reader = sock.makefile("rb", buffering=1 << 16)
+        first = True
+        while True:
+            payload = read_frame(reader)
+            if payload is None:
+                return
+            self._apply(payload, first)
+            first = False
+
+    def ask(self, request: Mapping[str, Any]) -> Any:
+        """One question to the discovery process (``dump``, ``stats``): its JSON answer."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            sock.connect(os.path.join(self._dir, SOCKET))
+            send_frame(sock, json.dumps(request).encode())
+            payload = read_frame(sock.makefile("rb"))
+        finally:
+            sock.close()
+        if payload is None:
+            raise ConnectionError("no answer")
+        answer = json.loads(payload)
+        if "error" in answer:
+            raise ConnectionError(answer["error"])
+        return answer
+
+
+class SharedRegistry(Follower):
+    """A registry that follows the pod's discovery process (see the module docstring)."""
+
+    type = "kubernetes"
+
+    def __init__(self, config: RegistryConfig, directory: str | None = None):
+        self.config = config
+        self._key = registry_key(config)
+        super().__init__(f"registry {config.name}", f"kproxy-{config.name}-shared", directory)
+        # the request path reads both without a lock: the snapshot is swapped whole, and a
+        # view is set whole (under _decode_lock) for each Service a request asked for
+        self._snapshot = EMPTY_SNAPSHOT
+        self._views: dict[ServiceKey, tuple[bytes, ServiceView]] = {}
+        self._decode_lock = threading.Lock()
+        self._ready = False
+        self.version = 0            # of the last frame applied
+        self.discovery_pid: int | None = None
+        self.updated: float | None = None
+        self._last_stats: RegistryStats | None = None
+
+    def start(self) -> None:
+        if self.config.enabled:
+            super().start()
 
     @property
     def ready(self) -> bool:
@@ -437,85 +555,13 @@ class SharedRegistry:
 
     # -- following the discovery process (reader thread) --
 
-    def _run(self) -> None:
-        lost_at: float | None = None
-        while not self._stopping.is_set():
-            sock = self._connect()
-            if sock is None:
-                self._reap()
-                self._elect()
-                self._stopping.wait(RETRY)
-                continue
-            if lost_at is not None:
-                self.reconnects += 1
-                log.info("registry %s: reached the discovery process again after %.1f s", self.config.name,
-                         time.monotonic() - lost_at)
-            try:
-                self._follow(sock)
-            except (OSError, ValueError, KeyError) as e:
-                if not self._stopping.is_set():
-                    log.warning("registry %s: the discovery process connection failed: %s", self.config.name, e)
-            finally:
-                self.connected = False
-                self._sock = None
-                sock.close()
-            if not self._stopping.is_set():
-                lost_at = time.monotonic()
-                log.warning("registry %s: lost the discovery process; routing by the last snapshot "
-                            "(%d services) until a new one has listed", self.config.name, len(self._snapshot))
+    def _subscription(self) -> bytes:
+        return json.dumps({"op": "subscribe", "name": self._key[0], "hash": self._key[1],
+                           "config": config_fields(self.config)}).encode()
 
-    def _connect(self) -> socket.socket | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(os.path.join(self._dir, SOCKET))
-        except OSError:
-            sock.close()
-            return None
-        return sock
-
-    def _elect(self) -> None:
-        """Start a discovery process if none holds the lock (none runs or is starting)."""
-        if os.getppid() != self._master:  # the master is gone: so is the pod
-            return
-        try:
-            fd = os.open(os.path.join(self._dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:  # the master removed the directory: it is exiting
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            # the child inherits the locked file: the lock passes to it, never released between
-            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-            command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", self._dir,
-                       "--master", str(self._master), "--lock-fd", str(fd)]
-            log.info("registry %s: no discovery process answers; starting one", self.config.name)
-            self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
-            self.spawned += 1
-        finally:
-            os.close(fd)
-
-    def _reap(self) -> None:
-        if self._child is not None and self._child.poll() is not None:
-            self._child = None
-
-    def _follow(self, sock: socket.socket) -> None:
-        self._sock = sock
-        if self._stopping.is_set():
-            return
-        send_frame(sock, self._subscription)
-        self.connected = True
-        reader = sock.makefile("rb", buffering=1 << 16)
-        first = True
-        while True:
-            payload = read_frame(reader)
-            if payload is None:
-                return
-            self._apply(payload, first)
-            first = False
+    def _lost(self) -> None:
+        log.warning("registry %s: lost the discovery process; routing by the last snapshot "
+                    "(%d services) until a new one has listed", self.config.name, len(self._snapshot))
 
     def _apply(self, payload: bytes, first: bool) -> None:
         start = payload.index(b"\n") + 1
@@ -542,20 +588,7 @@ class SharedRegistry:
     # -- reporting: the discovery process's numbers, the same from every worker --
 
     def _ask(self, op: str) -> Any:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(REQUEST_TIMEOUT)
-        try:
-            sock.connect(os.path.join(self._dir, SOCKET))
-            send_frame(sock, json.dumps({"op": op, "name": self._key[0], "hash": self._key[1]}).encode())
-            payload = read_frame(sock.makefile("rb"))
-        finally:
-            sock.close()
-        if payload is None:
-            raise ConnectionError("no answer")
-        answer = json.loads(payload)
-        if "error" in answer:
-            raise ConnectionError(answer["error"])
-        return answer
+        return self.ask({"op": op, "name": self._key[0], "hash": self._key[1]})
 
     def stats(self) -> RegistryStats:
         try:
