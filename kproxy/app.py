@@ -207,7 +207,12 @@ class Gateway:
             self.transport.timeout = Transport.timeouts(config.gateway.connect_timeout,
                                                         config.gateway.read_timeout)
             self.transport.keepalive_timeout = config.gateway.upstream_keepalive_timeout
-            self.active = ActiveConfig(config, registries)
+            active = ActiveConfig(config, registries)
+            previous = {checker.upstream.name: checker for checker in old.health_checkers}
+            for checker in active.health_checkers:
+                if checker.upstream.name in previous:
+                    checker.take_over(previous[checker.upstream.name])
+            self.active = active
             if self._started_pid == os.getpid():
                 for checker in self.active.health_checkers:
                     checker.start()

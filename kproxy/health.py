@@ -106,6 +106,14 @@ class HealthChecker:
         self._thread: threading.Thread | None = None
         self.checks = 0
 
+    def take_over(self, old: HealthChecker | SharedHealthChecker) -> None:
+        """Start from ``old``'s verdict if it checked the same service the same way (a
+        reload): a node that was out stays out until it passes its checks."""
+        if isinstance(old, HealthChecker) and (old.upstream.name, old.check) == (self.upstream.name, self.check):
+            self._streaks, self.last, self.checks = dict(old._streaks), dict(old.last), old.checks
+            self.unhealthy = old.unhealthy
+            self.upstream.set_unhealthy(self.unhealthy)
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"kproxy-health-{self.upstream.name}",
@@ -207,6 +215,13 @@ class SharedHealthChecker(Follower):
         super().__init__(f"health checks of {upstream.name}", f"kproxy-health-{upstream.name}", directory)
         self._unhealthy: list[list[Any]] = []  # the last verdict, as it came
         self._dump: dict[str, Any] = {}
+
+    def take_over(self, old: HealthChecker | SharedHealthChecker) -> None:
+        """Start from ``old``'s verdict if it followed the same checks (a reload), so the
+        new upstream has it before its first request, not only once the process answers."""
+        if isinstance(old, SharedHealthChecker) and old._request["hash"] == self._request["hash"]:
+            self._unhealthy, self._dump = old._unhealthy, old._dump
+            self.upstream.set_unhealthy({(host, port) for host, port in self._unhealthy})
 
     def _subscription(self) -> bytes:
         # with the verdict so far: a discovery process that replaces a dead one starts from
