@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
 import resource
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kproxy_tools import common
 from kproxy_tools.common import free_ports
@@ -58,21 +59,27 @@ class Proc(common.Proc):
         super().__init__(name, cmd, log, **kwargs)
 
 
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """For every process: its pid and the fields of /proc/PID/stat after the command name
+    (state, ppid, pgrp, ...; ``man 5 proc`` numbers them from 3)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            yield int(name), fields
+
+
 def _descendants_cpu(root: int) -> float:
     """CPU seconds (user + system) of the live descendants of ``root``."""
     tick = os.sysconf("SC_CLK_TCK")
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parent[int(name)] = int(fields[1])
-        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    for pid, fields in proc_stats():
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
     children_of: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children_of.setdefault(ppid, []).append(pid)
@@ -137,7 +144,9 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
+    # the smallest value with at least q% of the values at or below it: with 50 values, p50 is
+    # the 25th and p99 the slowest (round() would take the 26th: it rounds 25.5 to even)
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values) / 100) - 1))]
 
 
 def connections_per_worker(port: int, workers: list[int]) -> list[int]:
