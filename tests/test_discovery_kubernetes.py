@@ -306,7 +306,7 @@ def test_scale_up_and_down_reaches_nodes_quickly(kube, namespace, registries):
     wait_until(lambda: registry.nodes(namespace, "web", "80") is None)
 
 
-def test_paged_list_and_endpoints_resource_via_kubeconfig(kube, namespace, registries):
+def test_endpoints_resource_via_kubeconfig(kube, namespace, registries):
     for i in range(25):
         kube.apply(endpoints(namespace, f"svc-{i}", [f"127.0.2.{i + 1}"], 8080,
                              not_ready=["127.0.3.1"]))
@@ -390,6 +390,63 @@ def test_410_after_compaction_relists_without_lost_stale_or_empty_services(kube,
     assert stats["endpoints"]["relists"] >= 1 and stats["services"]["relists"] >= 1
     assert registry.stats().relists >= 2
     assert not stats["endpoints"]["failing"] and registry.dump()["state"] == "ok"
+
+
+def test_the_first_list_comes_from_the_watch_cache_and_a_relist_after_410_from_etcd_in_pages(
+        kube, namespace, relay):
+    """As client-go's reflector: the first LIST asks for resourceVersion=0, which the API
+    server answers from its watch cache in one piece; a relist after 410 Gone must not be
+    older than what was seen, so it reads etcd (no resourceVersion), page by page."""
+    for i in range(25):
+        kube.apply(endpoints(namespace, f"svc-{i}", [f"127.0.2.{i + 1}"], 8080))
+    registry = KubernetesRegistry(registry_config(**admin(kube, relay.url), namespace_pattern=namespace,
+                                                  resource="endpoints"),
+                                  timing=Timing(backoff_initial=0.2, backoff_cap=1.0, page_size=10))
+    lists: list[dict[str, str]] = []
+    get = registry._api.get
+
+    def recording_get(path: str, params: dict[str, str], read_timeout: float):
+        if path.endswith("/endpoints") and "watch" not in params:
+            lists.append(dict(params))
+        return get(path, params, read_timeout)
+
+    registry._api.get = recording_get  # the registry's real connection, each LIST's query noted
+    try:
+        registry.start()
+        wait_until(lambda: registry.ready)
+        assert [(p.get("resourceVersion"), "continue" in p) for p in lists] == [("0", False)]
+        assert registry.dump()["informers"]["endpoints"]["objects"] == 25
+        relay.pause()
+        wait_until(lambda: registry.dump()["informers"]["endpoints"]["failing"])
+        kube.apply(endpoints(namespace, "svc-0", ["127.0.4.1"], 8080))
+        kube.compact(kube.etcd_revision())
+        kube.restart_apiserver()
+        relay.resume()
+        wait_until(lambda: registry.nodes(namespace, "svc-0", "8080") == nodes("127.0.4.1"), timeout=20)
+        relist = lists[1:]
+        assert [(p.get("resourceVersion"), "continue" in p, p["limit"]) for p in relist] == [
+            (None, False, "10"), (None, True, "10"), (None, True, "10")]
+        assert registry.dump()["informers"]["endpoints"]["relists"] == 1
+        assert all(registry.nodes(namespace, f"svc-{i}", "8080") == nodes(f"127.0.2.{i + 1}") for i in range(1, 25))
+    finally:
+        registry.stop()
+
+
+def test_the_first_sync_builds_each_view_once_with_its_service_ports(kube, namespace, registries):
+    """The endpoints' first list waits for the Services' (whichever comes first), so the
+    snapshot is built once: not from the endpoints' ports first and again when the
+    Services arrive (on 5,000 Services, building every view twice doubled the sync)."""
+    for i in range(20):
+        kube.apply(service(namespace, f"web-{i}", ports=(("http", 80),)))
+        kube.apply(endpoint_slice(namespace, f"web-{i}-1", f"web-{i}", [ready("127.0.0.1")]))
+    kube.apply(service(namespace, "idle"))
+    registry = registries(**admin(kube), namespace_pattern=namespace)
+    wait_until(lambda: registry.ready)
+    assert registry.changes == 1
+    services = registry.dump()["services"]
+    assert len(services) == 21 and {s["port_source"] for s in services.values()} == {"service"}
+    assert registry.nodes(namespace, "web-7", "80") == nodes("127.0.0.1")
+    assert registry.nodes(namespace, "idle", "80") == ()
 
 
 def accepts(port: int) -> bool:

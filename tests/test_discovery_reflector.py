@@ -4,6 +4,7 @@ watch events: a clearly named fake on 127.0.0.1) or an API server that is not th
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -16,12 +17,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 from kproxy.config import parse
 from kproxy.discovery import create_registry
 from kproxy.discovery.cache import Store
 from kproxy.discovery.reflector import Timing
 from kproxy.discovery.apiserver import ApiConnection
 from kproxy.discovery.endpoints import build_view, keep_unchanged, trim_endpoints, trim_service, trim_slice
+from kproxy.discovery import kubernetes
 from kproxy.discovery.kubernetes import KubernetesRegistry
 from kproxy.node import Node
 
@@ -151,9 +155,11 @@ def test_slice_without_service_label_is_ignored():
 class FakeApiServer:
     """A FAKE Kubernetes API server on 127.0.0.1 (not used anywhere else): it serves one
     Endpoints list and a watch stream of malformed events followed by a valid one, since
-    a real API server cannot be made to send broken events."""
+    a real API server cannot be made to send broken events. It forbids Services, as the
+    seed's RBAC does; ``services_hang`` holds their list unanswered instead (a real server
+    cannot be made to stall one resource and answer another)."""
 
-    def __init__(self, watch_lines: list[bytes]):
+    def __init__(self, watch_lines: list[bytes], services_hang: bool = False):
         self.watch_lines = watch_lines
         self.requests: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -172,6 +178,8 @@ class FakeApiServer:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
                 if url.path.endswith("/services"):
+                    if services_hang:
+                        fake.closing.wait(30)
                     return self.json(403, {"kind": "Status", "code": 403, "reason": "Forbidden",
                                            "message": "services is forbidden"})
                 if "watch" not in query:
@@ -252,6 +260,64 @@ def test_malformed_watch_events_are_skipped_and_the_reflector_goes_on(caplog):
     finally:
         registry.stop()
         fake.stop()
+
+
+def test_forbidden_services_do_not_hold_the_first_build(monkeypatch):
+    monkeypatch.setattr(kubernetes, "SERVICES_WAIT", 60.0)  # a wait would outlast wait_until
+    fake = FakeApiServer([])
+    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
+                                                  resource="endpoints"))
+    try:
+        registry.start()
+        wait_until(lambda: registry.ready)
+        assert registry.nodes("fake", "web", "8080") == (Node("127.0.0.1", 8080),)
+    finally:
+        registry.stop()
+        fake.stop()
+
+
+def test_a_services_list_that_hangs_holds_the_first_build_for_services_wait_only(monkeypatch):
+    monkeypatch.setattr(kubernetes, "SERVICES_WAIT", 0.3)
+    fake = FakeApiServer([], services_hang=True)
+    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
+                                                  resource="endpoints"))
+    try:
+        registry.start()
+        # routed from the endpoints' own ports while the Services are still listing
+        wait_until(lambda: registry.nodes("fake", "web", "8080") == (Node("127.0.0.1", 8080),))
+        assert not registry.ready and registry.dump()["informers"]["services"]["state"] == "listing"
+        assert registry.dump()["services"]["fake/web"]["port_source"] == "endpoints"
+    finally:
+        fake.closing.set()  # answers the Services' list, so the thread ends
+        registry.stop()
+        fake.stop()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_off_while_a_list_is_trimmed_and_as_it_was_after(monkeypatch, enabled):
+    """A first list allocates every object of the cluster at once; a garbage collection
+    on each burst walked all of them again. An application's own choice stays."""
+    seen: list[bool] = []
+
+    def trim(obj):
+        seen.append(gc.isenabled())
+        return trim_endpoints(obj)
+
+    monkeypatch.setattr(kubernetes, "trim_endpoints", trim)
+    fake = FakeApiServer([])
+    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
+                                                  resource="endpoints"))
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        registry.start()
+        wait_until(lambda: registry.ready)
+        assert seen == [False]
+        assert gc.isenabled() is enabled
+    finally:
+        registry.stop()
+        fake.stop()
+        (gc.enable if was else gc.disable)()
 
 
 def closed_port() -> int:

@@ -37,6 +37,9 @@ from .reflector import ApiStatusError, Reflector, Timing
 
 log = logging.getLogger("kproxy.discovery")
 
+# how long the endpoints' first list waits for the Services' before building every view
+SERVICES_WAIT = 5.0
+
 
 class KubernetesRegistry:
     """Endpoints of the Services of one cluster, kept current by list+watch."""
@@ -53,6 +56,10 @@ class KubernetesRegistry:
         self._endpoint_api: EndpointApi | None = None
         self._warnings: dict[str, str] = {}
         self._started = self._stopped = False
+        # the first build of the snapshot waits for both first lists (or the Services'
+        # failure, or SERVICES_WAIT), so each view is built once, with its Service's ports
+        self._built = False
+        self._services_settled = threading.Event()
         self.changes = 0           # snapshots published
         self.last_change: float | None = None
         namespace = config.single_namespace
@@ -85,6 +92,7 @@ class KubernetesRegistry:
 
     def stop(self) -> None:
         self._stopped = True
+        self._services_settled.set()  # an endpoints list waiting for the Services ends now
         self._endpoints.stop()
         self._services.stop()
         self._api.close()
@@ -172,6 +180,7 @@ class KubernetesRegistry:
         return trim_service(obj)
 
     def _services_failed(self, error: Exception) -> None:
+        self._services_settled.set()  # the endpoints' first build does not wait for a failing list
         if getattr(error, "status", None) == 403 and "services" not in self._warnings:
             self._warn("services", "Services are not readable (403 Forbidden): ports are matched against "
                        "endpoint port names and numbers, not spec.ports of the Service; grant list/watch "
@@ -183,6 +192,13 @@ class KubernetesRegistry:
         self._warnings[key] = message
 
     def _endpoints_changed(self, changes: list[Change], relisted: bool) -> None:
+        if not self._built:
+            # the first list: building every view now and again when the Services arrive
+            # would double a first sync's largest cost; the endpoints' watch starts after this
+            # returns and picks up every change made meanwhile from the list's resourceVersion
+            self._services_settled.wait(SERVICES_WAIT)
+            self._rebuild(self._endpoints_store.index_values() + self._services_store.keys(), first=True)
+            return
         keys: set[ServiceKey] = set()
         for _, old, new in changes:
             for obj in (old, new):
@@ -193,10 +209,14 @@ class KubernetesRegistry:
     def _services_changed(self, changes: list[Change], relisted: bool) -> None:
         if relisted and self._warnings.pop("services", None):
             log.info("registry %s: Services are readable now", self.config.name)
+        self._services_settled.set()
         self._rebuild({key for key, _, _ in changes})
 
-    def _rebuild(self, keys: Iterable[ServiceKey]) -> None:
+    def _rebuild(self, keys: Iterable[ServiceKey], first: bool = False) -> None:
         with self._write_lock:
+            if not (self._built or first):
+                return  # the first build reads both stores whole
+            self._built = True
             old = self._snapshot
             new: dict[ServiceKey, ServiceView] | None = None
             for key in keys:
