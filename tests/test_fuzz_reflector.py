@@ -93,6 +93,7 @@ def registry(resource: str, pattern: str | None) -> tuple[KubernetesRegistry, Fa
     reg._endpoint_api = SLICES if resource == "endpointslices" else ENDPOINTS  # no API discovery
     transport = FakeTransport()
     reg._endpoints._transport = transport
+    reg._services_settled.set()  # no Services reflector runs: the first build waits for none
     return reg, transport
 
 
