@@ -52,6 +52,14 @@ def collection_path(group_version: str, resource: str, namespace: str | None) ->
     return f"{base}/namespaces/{namespace}/{resource}" if namespace else f"{base}/{resource}"
 
 
+def preload_client() -> None:
+    """Import what the first connection needs (the ``kubernetes`` client: a quarter of a
+    second here) before it is needed: the discovery process does it while its first
+    worker subscribes, so the first list does not wait for it."""
+    from kubernetes import client, config  # noqa: F401
+    from kubernetes.utils import keepalive  # noqa: F401
+
+
 class ApiConnection:
     """The API server as the ``kubernetes`` client configures it; raw responses, our headers.
 

@@ -34,6 +34,7 @@ from ..node import Node
 from ..pool import TLSPolicy
 from ..upstream import NodeSource, RegistryNodes, StaticNodes, Upstream
 from .endpoints import ServiceKey, ServiceView
+from .apiserver import preload_client
 from .kubernetes import KubernetesRegistry
 from .shared import (LOCK, SOCKET, config_from_fields, encode_view, frame, full_body, read_frame, record, registry_key,
                      send_frame)
@@ -181,7 +182,12 @@ class Channel(Followed):
             if not self.registry.ready:
                 return  # before the first full list there is nothing a worker may route by
             current = self.registry.snapshot()
-            if current is not self._published:
+            if current is not self._published and not self._followers:
+                # nobody to send a delta to (the first list, all workers waiting): the
+                # joining workers get the full snapshot, encoded once, below
+                self._published = current
+                self._version += 1
+            elif current is not self._published:
                 previous, changed = self._published, []
                 for key, view in current.items():
                     if previous.get(key) is not view:  # the registry keeps unchanged views
@@ -408,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(128)
     identity = os.stat(path).st_ino
     log.info("discovery process %d serves the workers of master %d on %s", os.getpid(), args.master, path)
+    threading.Thread(target=preload_client, name="kproxy-preload", daemon=True).start()
     hub = Hub(args.dir)
     try:
         hub.serve(listener, master_fd, identity)

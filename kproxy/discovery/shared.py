@@ -70,7 +70,9 @@ log = logging.getLogger("kproxy.discovery")
 ENV = "KPROXY_DISCOVERY_DIR"      # set by the gunicorn master when workers > 1
 SWITCH = "KPROXY_SHARED_DISCOVERY"  # "off": every worker runs its own watches, as before
 SOCKET, LOCK = "socket", "lock"
-RETRY = 0.25          # seconds between attempts to reach (or start) the discovery process
+RETRY = 0.05          # seconds between attempts to reach the discovery process (a connect())
+SPAWN_INTERVAL = 1.0  # a worker starts at most one discovery process a second: one that
+                      # dies at once is retried, not started in a tight loop
 REQUEST_TIMEOUT = 5.0  # seconds for a dump or stats answer
 _LENGTH = struct.Struct("!I")
 MAX_FRAME = 1 << 30
@@ -356,6 +358,7 @@ class Follower:
         self.connected = False
         self.reconnects = 0
         self.spawned = 0            # discovery processes this worker started
+        self._spawned_at = -SPAWN_INTERVAL
 
     def start(self) -> None:
         if self._thread is not None:
@@ -423,6 +426,8 @@ class Follower:
         """Start a discovery process if none holds the lock (none runs or is starting)."""
         if os.getppid() != self._master:  # the master is gone: so is the pod
             return
+        if time.monotonic() - self._spawned_at < SPAWN_INTERVAL:
+            return
         try:
             fd = os.open(os.path.join(self._dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:  # the master removed the directory: it is exiting
@@ -440,6 +445,7 @@ class Follower:
                        "--master", str(self._master), "--lock-fd", str(fd)]
             log.info("%s: no discovery process answers; starting one", self.name)
             self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+            self._spawned_at = time.monotonic()
             self.spawned += 1
         finally:
             os.close(fd)
