@@ -33,7 +33,7 @@ from .apiserver import ENDPOINTS, ApiConnection, EndpointApi, collection_path
 from .cache import Change, Object, Store
 from .endpoints import (EMPTY, ServiceKey, ServiceView, build_view, keep_unchanged, service_key, trim_endpoints,
                         trim_service, trim_slice)
-from .reflector import ApiStatusError, Reflector, Timing
+from .reflector import ApiStatusError, Reflector, Timing, collection_paused
 
 log = logging.getLogger("kproxy.discovery")
 
@@ -213,7 +213,7 @@ class KubernetesRegistry:
         self._rebuild({key for key, _, _ in changes})
 
     def _rebuild(self, keys: Iterable[ServiceKey], first: bool = False) -> None:
-        with self._write_lock:
+        with self._write_lock, collection_paused():  # a first build makes every node at once
             if not (self._built or first):
                 return  # the first build reads both stores whole
             self._built = True

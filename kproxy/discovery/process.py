@@ -33,8 +33,8 @@ from ..health import HealthCheck, HealthChecker
 from ..node import Node
 from ..pool import TLSPolicy
 from ..upstream import NodeSource, RegistryNodes, StaticNodes, Upstream
-from .endpoints import ServiceKey, ServiceView
 from .apiserver import preload_client
+from .endpoints import ServiceKey, ServiceView
 from .kubernetes import KubernetesRegistry
 from .shared import (LOCK, SOCKET, config_from_fields, encode_view, frame, full_body, read_frame, record, registry_key,
                      send_frame)

@@ -286,33 +286,32 @@ class Reflector:
             # resourceVersion); a relist after 410 Gone asks etcd, page by page
             params["resourceVersion"] = "0"
         restarted = False
-        with _collection_paused():
-            while True:
-                try:
-                    body = self._get_json(self.path, params, self._timing.list_read_timeout)
-                except Expired:
-                    if "continue" not in params or restarted:
-                        raise
-                    # the continue token outlived etcd's compaction: start the list over
-                    objects, restarted = [], True
-                    params.pop("continue")
-                    continue
-                items = body.get("items")
-                metadata = body.get("metadata")
-                if not isinstance(items, list) or not isinstance(metadata, dict):
-                    raise ApiStatusError(200, "bad list", "the response is not a Kubernetes list")
+        while True:
+            try:
+                data = self._get(self.path, params, self._timing.list_read_timeout)
+            except Expired:
+                if "continue" not in params or restarted:
+                    raise
+                # the continue token outlived etcd's compaction: start the list over
+                objects, restarted = [], True
+                params.pop("continue")
+                continue
+            with collection_paused():  # not while the bytes come: that may take a minute
+                items, metadata = _list_page(data)
+                del data
                 items.reverse()
                 while items:  # each listed object is freed as soon as it is trimmed
                     obj = self._transformed(items.pop())
                     if obj is not None and obj is not _MALFORMED:
                         objects.append(obj)
-                if not metadata.get("continue"):
-                    break
-                params["continue"] = metadata["continue"]
-            resource_version = str(metadata.get("resourceVersion") or "")
+            if not metadata.get("continue"):
+                break
+            params["continue"] = metadata["continue"]
+        resource_version = str(metadata.get("resourceVersion") or "")
+        with collection_paused():
             changes = self.store.replace(objects, resource_version)
-            del objects
-            self._notify(changes, True)
+        del objects
+        self._notify(changes, True)
         if self.counts.lists:
             self.counts.relists += 1
         self.counts.lists += 1
@@ -320,23 +319,16 @@ class Reflector:
         self._synced.set()
         self._succeeded()
 
-    def _get_json(self, path: str, params: Mapping[str, str], read_timeout: float) -> dict[str, Any]:
+    def _get(self, path: str, params: Mapping[str, str], read_timeout: float) -> bytes:
         response = self._transport.get(path, params, read_timeout)
         self._response = response
         try:
             if response.status != 200:
                 raise _status_error(response)
-            data = response.data
+            return response.data
         finally:
             self._response = None
             response.release_conn()
-        try:
-            body = json.loads(data)
-        except ValueError:
-            raise ApiStatusError(200, "bad JSON", "the list response is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiStatusError(200, "bad list", "the response is not a JSON object")
-        return body
 
     # -- WATCH --
 
@@ -434,13 +426,17 @@ _pauses = 0
 _collector_was_enabled = False
 
 
-class _collection_paused:
-    """The cyclic garbage collector off while a list is parsed, trimmed and built.
+class collection_paused:
+    """The cyclic garbage collector off while a list is parsed, trimmed (here) and built
+    into views (by the consumer), never while waiting::
+
+        with collection_paused():
+            objects = [trim(item) for item in json.loads(data)["items"]]
 
     A list allocates hundreds of thousands of objects that live on, none of them in a
-    cycle: each allocation burst would start a collection that walks all of them again
-    (it doubled the time of a 50,000-address first list). Counted, so reflectors that list
-    at once keep it off until the last one is done, and an application that turned the
+    cycle: each allocation burst would start a collection that walks them again (json.loads
+    of a 50,000-address list took twice as long with it). Counted, so threads that list at
+    once keep it off until the last one is done, and an application that turned the
     collector off itself keeps it off.
     """
 
@@ -458,6 +454,19 @@ class _collection_paused:
             _pauses -= 1
             if _pauses == 0 and _collector_was_enabled:
                 gc.enable()
+
+
+def _list_page(data: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """A LIST response's items and metadata."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise ApiStatusError(200, "bad JSON", "the list response is not JSON") from None
+    items = body.get("items") if isinstance(body, dict) else None
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not isinstance(metadata, dict):
+        raise ApiStatusError(200, "bad list", "the response is not a Kubernetes list")
+    return items, metadata
 
 
 def _named(obj: Any) -> bool:
