@@ -106,7 +106,8 @@ class ActiveConfig:
             check = HealthCheck(service.health_check_path, service.health_check_interval,
                                 service.health_check_timeout, service.healthy_threshold,
                                 service.unhealthy_threshold,
-                                service.upstream_host if service.pass_host == "rewrite" else None)
+                                service.health_check_host
+                                or (service.upstream_host if service.pass_host == "rewrite" else None))
             self.health_checkers.append(self._health_checker(upstream, check, service))
         return upstream
 

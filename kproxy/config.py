@@ -395,6 +395,10 @@ class ServiceConfig:
                                             "Active health checks when set: ``GET`` this path on every node "
                                             "(2xx/3xx = healthy); once per pod (its discovery process) "
                                             "with workers > 1.")
+    health_check_host: str | None = setting(_text, None,
+                                            "Host header of the checks. Default: ``upstream_host`` with "
+                                            "``pass_host = rewrite``, else the node's address (a check has "
+                                            "no client Host to pass).")
     health_check_interval: float = setting(_positive_seconds, 5.0, "Seconds between checks of each node.")
     health_check_timeout: float = setting(_positive_seconds, 2.0,
                                           "Seconds for a check's answer head; no answer in time = failed.")

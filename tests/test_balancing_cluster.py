@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import time
 
+import pytest
+
 from kproxy.discovery.endpoints import build_view, trim_service, trim_slice
 from kproxy.upstream import Upstream
 
@@ -222,3 +224,34 @@ path = /
     metrics = client.get(gw.url + "/-/metrics", timeout=5).text
     assert 'kproxy_health_checks_total{result="fail",service="web"}' in metrics
     assert 'kproxy_upstream_nodes{service="web",state="unhealthy"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_health_checks_send_the_host_their_service_says(upstream, gateway_process, workers):
+    """``pass_host = pass`` has no client Host to pass: a check sends the node's address;
+    ``rewrite`` sends ``upstream_host``; ``health_check_host`` overrides both. The same
+    when the pod's discovery process runs the checks (workers > 1)."""
+    hosts: dict[str, set] = collections.defaultdict(set)
+
+    def app(environ, start_response):
+        hosts[environ["PATH_INFO"]].add(environ.get("HTTP_HOST"))
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
+    node = upstream(app)
+    services = {"plain": "", "rewritten": "pass_host = rewrite\nupstream_host = internal.test\n",
+                "named": "pass_host = rewrite\nupstream_host = internal.test\nhealth_check_host = health.test\n"}
+    gateway_process("serve", f"[kproxy]\nworkers = {workers}\n" + "".join(f"""
+[service:{name}]
+host = {name}.test
+nodes = 127.0.0.1:{node.port}
+health_check_path = /healthz/{name}
+health_check_interval = 0.2
+health_check_timeout = 0.1
+{extra}
+[api:{name}]
+service = {name}
+path = /
+""" for name, extra in services.items()))
+    wait_until(lambda: len(hosts) == 3, timeout=15)
+    assert dict(hosts) == {"/healthz/plain": {f"127.0.0.1:{node.port}"}, "/healthz/rewritten": {"internal.test"},
+                           "/healthz/named": {"health.test"}}
