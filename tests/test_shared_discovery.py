@@ -6,6 +6,7 @@ reloads, readiness, and no process left behind."""
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -676,3 +677,32 @@ def test_a_discovered_node_is_checked_once_per_pod_and_not_after_discovery_remov
     finally:
         pinned.close()
     stop_and_check_nothing_left(gw, [discovery])
+
+
+def test_a_discovery_process_that_cannot_be_started_is_tried_again(tmp_path, monkeypatch, caplog):
+    """Out of processes or memory, starting the discovery process fails: the worker's
+    follower logs it, lives on and tries again, once a second (not in a tight loop)."""
+    from kproxy.config import RegistryConfig
+    from kproxy.discovery import shared
+    from kproxy.discovery.shared import SharedRegistry
+    real, attempts = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(shared.subprocess, "Popen", popen)
+    registry = SharedRegistry(RegistryConfig("k", "kubernetes"), str(tmp_path))
+    try:
+        registry.start()
+        wait_until(lambda: registry.connected, timeout=15)
+    finally:
+        registry.stop()
+        if registry._child is not None:
+            registry._child.terminate()
+            registry._child.wait(10)
+    assert len(attempts) == 3 and registry.spawned == 1
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert all(gap >= shared.SPAWN_INTERVAL * 0.9 for gap in gaps), gaps
+    assert caplog.text.count("cannot start the discovery process") == 2

@@ -444,8 +444,13 @@ class Follower:
             command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", self._dir,
                        "--master", str(self._master), "--lock-fd", str(fd)]
             log.info("%s: no discovery process answers; starting one", self.name)
-            self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
             self._spawned_at = time.monotonic()
+            try:
+                self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+            except OSError as e:  # out of processes or memory: the worker lives on, and tries again
+                log.warning("%s: cannot start the discovery process (%s); trying again in %g s", self.name, e,
+                            SPAWN_INTERVAL)
+                return
             self.spawned += 1
         finally:
             os.close(fd)
