@@ -212,6 +212,11 @@ class FakeApiServer:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def registry(self) -> KubernetesRegistry:
+        """A registry of its Endpoints in namespace "fake" (not started)."""
+        return KubernetesRegistry(registry_config(api_server=self.url, token=TOKEN, namespace_pattern="fake",
+                                                  resource="endpoints"))
+
     def stop(self) -> None:
         self.closing.set()
         self.server.shutdown()
@@ -235,8 +240,7 @@ VALID = (b'{"type": "MODIFIED", "object": {"metadata": {"name": "web", "namespac
 
 def test_malformed_watch_events_are_skipped_and_the_reflector_goes_on(caplog):
     fake = FakeApiServer(MALFORMED + [VALID])
-    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
-                                                  resource="endpoints"))
+    registry = fake.registry()
     try:
         with caplog.at_level(logging.DEBUG, logger="kproxy"):
             registry.start()
@@ -265,8 +269,7 @@ def test_malformed_watch_events_are_skipped_and_the_reflector_goes_on(caplog):
 def test_forbidden_services_do_not_hold_the_first_build(monkeypatch):
     monkeypatch.setattr(kubernetes, "SERVICES_WAIT", 60.0)  # a wait would outlast wait_until
     fake = FakeApiServer([])
-    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
-                                                  resource="endpoints"))
+    registry = fake.registry()
     try:
         registry.start()
         wait_until(lambda: registry.ready)
@@ -279,8 +282,7 @@ def test_forbidden_services_do_not_hold_the_first_build(monkeypatch):
 def test_a_services_list_that_hangs_holds_the_first_build_for_services_wait_only(monkeypatch):
     monkeypatch.setattr(kubernetes, "SERVICES_WAIT", 0.3)
     fake = FakeApiServer([], services_hang=True)
-    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
-                                                  resource="endpoints"))
+    registry = fake.registry()
     try:
         registry.start()
         # routed from the endpoints' own ports while the Services are still listing
@@ -305,8 +307,7 @@ def test_the_collector_is_off_while_a_list_is_trimmed_and_as_it_was_after(monkey
 
     monkeypatch.setattr(kubernetes, "trim_endpoints", trim)
     fake = FakeApiServer([])
-    registry = KubernetesRegistry(registry_config(api_server=fake.url, token=TOKEN, namespace_pattern="fake",
-                                                  resource="endpoints"))
+    registry = fake.registry()
     was = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
     try:

@@ -182,24 +182,24 @@ class Channel(Followed):
             if not self.registry.ready:
                 return  # before the first full list there is nothing a worker may route by
             current = self.registry.snapshot()
-            if current is not self._published and not self._followers:
-                # nobody to send a delta to (the first list, all workers waiting): the
-                # joining workers get the full snapshot, encoded once, below
-                self._published = current
-                self._version += 1
-            elif current is not self._published:
-                previous, changed = self._published, []
-                for key, view in current.items():
-                    if previous.get(key) is not view:  # the registry keeps unchanged views
-                        changed.append(record(key, encode_view(view)))
-                for key in previous.keys() - current.keys():
-                    changed.append(record(key, b""))
-                self._published = current
-                if changed:
+            if current is not self._published:
+                previous, self._published = self._published, current
+                if not self._followers:
+                    # nobody to send a delta to (the first list, all workers waiting): the
+                    # joining workers get the full snapshot, encoded once, below
                     self._version += 1
-                    delta = frame("delta", self._version, changed)
-                    for subscriber in self._followers:
-                        subscriber.send(delta)
+                else:
+                    changed = []
+                    for key, view in current.items():
+                        if previous.get(key) is not view:  # the registry keeps unchanged views
+                            changed.append(record(key, encode_view(view)))
+                    for key in previous.keys() - current.keys():
+                        changed.append(record(key, b""))
+                    if changed:
+                        self._version += 1
+                        delta = frame("delta", self._version, changed)
+                        for subscriber in self._followers:
+                            subscriber.send(delta)
             if self._waiting:
                 # encoded again for the workers that join, not kept: the encoded records of
                 # 5,000 Services would be another 0.7 MB here for the pod's life

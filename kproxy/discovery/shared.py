@@ -358,7 +358,7 @@ class Follower:
         self.connected = False
         self.reconnects = 0
         self.spawned = 0            # discovery processes this worker started
-        self._spawned_at = -SPAWN_INTERVAL
+        self._spawned_at = float("-inf")
 
     def start(self) -> None:
         if self._thread is not None:
