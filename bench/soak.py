@@ -238,10 +238,11 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         yield bytes(view[i:i + CHUNK])
 
 
-def client_loop(url: str, deadline: float, seed: int, max_body: int, stats: ClientStats,
-                stop: threading.Event | None = None) -> None:
-    """One keep-alive client: a Session with one connection, requests back to back until
-    ``deadline`` (a request in flight then finishes; each is bounded by its timeouts)."""
+def client_loop(url: str, duration: float, seed: int, max_body: int, stats: ClientStats,
+                stop: threading.Event | None = None, start: threading.Barrier | None = None) -> None:
+    """One keep-alive client: a Session with one connection, requests back to back for
+    ``duration`` seconds from when every client passed ``start`` (a request in flight then
+    finishes; each is bounded by its timeouts)."""
     import requests
     from requests.adapters import HTTPAdapter
 
@@ -253,6 +254,13 @@ def client_loop(url: str, deadline: float, seed: int, max_body: int, stats: Clie
     session.mount("http://", adapter)
     stats.clients += 1
     try:
+        if start is not None:
+            try:
+                start.wait(timeout=60)
+            except threading.BrokenBarrierError:
+                stats.error("client not started", "the other clients did not start within 60 s")
+                return
+        deadline = time.monotonic() + duration
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             kind = rng.choices(names, weights)[0]
             method, path, body, size_up, size_down = "GET", "/small", None, 0, 0
@@ -323,15 +331,18 @@ def _check(kind: str, response: Any, content: bytes, body: bytes | None, size_do
 
 
 def run_clients(url: str, clients: int, duration: float, seed: int, max_body: int) -> ClientStats:
-    """``clients`` client threads in this process for ``duration`` seconds."""
-    deadline = time.monotonic() + duration
+    """``clients`` client threads in this process, together for ``duration`` seconds."""
     stop = threading.Event()
+    # the clock starts once every thread runs: on a loaded machine starting 50 threads
+    # took half of a 6 s run, which then never had all its connections at once
+    start = threading.Barrier(clients)
     per_thread = [ClientStats() for _ in range(clients)]
-    threads = [threading.Thread(target=client_loop, args=(url, deadline, seed * 100_003 + i, max_body,
-                                                           per_thread[i], stop), daemon=True)
+    threads = [threading.Thread(target=client_loop, args=(url, duration, seed * 100_003 + i, max_body,
+                                                           per_thread[i], stop, start), daemon=True)
                for i in range(clients)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60 + duration
     for t in threads:  # each request is bounded by (10, 60) s timeouts
         t.join(timeout=max(0.0, deadline - time.monotonic()) + 90)
     stop.set()

@@ -197,12 +197,12 @@ def test_threads_made_for_a_burst_end_once_idle_and_the_pool_still_serves():
 
 
 def test_shutdown_ends_the_idle_threads():
-    pool = RequestThreads(limit=4)
+    pool = RequestThreads(limit=4, name="test-shutdown")  # apart from the threads other tests leave ending
     done = threading.Event()
     pool.submit(done.set)
     assert done.wait(5)
     ours = [t for t in threading.enumerate() if t.name.startswith(f"{pool.name}-")]
-    assert len(ours) == 1  # the pool's, told apart from the threads other tests leave ending
+    assert len(ours) == 1
     pool.shutdown()
     ours[0].join(5)
     assert not ours[0].is_alive() and pool.started == 0
