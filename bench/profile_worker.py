@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
 from bench._common import HOST, KEEPALIVE, PYTHON, THREADS, Proc, run_load, say, start_upstream, table, wait_http  # noqa: E402,E501
-from kproxy_tools.common import children, free_ports  # noqa: E402
+from kproxy_tools.common import free_ports, gunicorn_workers  # noqa: E402
 from bench.run import STATIC_INI, _kproxy_env, Env  # noqa: E402
 
 # Areas of the request path: the first pattern found in a stack (innermost frame first)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = Proc("kproxy", [PYTHON, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "kproxy.wsgi:application"],
                     workdir / "kproxy.log", env=_kproxy_env(env, ini, "profile"), stop_signal=signal.SIGINT)
         wait_http(port, timeout=30, proc=proc)
-        worker = children(proc.pid)[0]
+        worker = gunicorn_workers(proc.pid)[0]
         run_load(port, 2)  # warm-up
         raw = workdir / "profile.txt"
         spy_cmd = [pyspy, "record", "--pid", str(worker), "--rate", str(args.rate), "--duration",

@@ -76,7 +76,7 @@ from bench._common import (BENCH, BODY, HOST, KEEPALIVE, PYTHON, ROOT, THREADS, 
                            Upstream, connections_per_worker, cpu_snapshot, foreign_share, median, rss_mb, rst_table,
                            run_load, say, start_upstream, table, wait_http, wrk_path)
 from bench.slow_upstreams import _raise_nofile  # noqa: E402
-from kproxy_tools.common import children, free_ports  # noqa: E402
+from kproxy_tools.common import free_ports, gunicorn_workers  # noqa: E402
 
 CEILING, PEER, CEILING_KW = "ceiling", "peer", "ceiling-kproxy-worker"
 KP_GUNICORN, KP_SERVE, KP_DISCOVERY, NGINX = "kproxy-gunicorn", "kproxy-serve", "kproxy-discovery", "nginx-proxy"
@@ -129,7 +129,7 @@ class Server:
 
     @property
     def workers(self) -> list[int]:
-        return children(self.proc.pid) if self.gunicorn else []
+        return gunicorn_workers(self.proc.pid) if self.gunicorn else []
 
 
 @dataclass
@@ -351,7 +351,7 @@ def idle_seed_rss(env: Env) -> tuple[float | None, str]:
         if env.kube is not None:
             wait_http(port, "/-/readyz", timeout=20, proc=proc)
         time.sleep(2.0)
-        pids = children(proc.pid)
+        pids = gunicorn_workers(proc.pid)
         return (rss_mb(pids[0]) if pids else None), how
     except Exception as e:
         return None, f"failed: {e}"[:300]

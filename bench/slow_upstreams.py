@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 from bench._common import (PYTHON, Proc, cpu_snapshot, foreign_share, median, percentile, rss_mb, say,  # noqa: E402
                            table, wait_http)
 from bench._common import raise_nofile as _raise_nofile  # noqa: E402  (bench/run.py imports it from here)
-from kproxy_tools.common import children, free_ports  # noqa: E402
+from kproxy_tools.common import free_ports, gunicorn_workers  # noqa: E402
 
 HOST = "slow.bench"
 DELAY = 0.2          # the upstream's answer time
@@ -349,7 +349,7 @@ def worker_pid(key: str, proc: Proc) -> int:
     """The process that serves: nginx's or gunicorn's (only) worker."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        kids = children(proc.pid)
+        kids = gunicorn_workers(proc.pid)
         if kids:
             return kids[0]
         time.sleep(0.1)

@@ -79,7 +79,7 @@ from typing import Any, Callable, Iterable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench, kproxy, kproxy_tools
 
 from bench._common import Proc, say  # noqa: E402
-from kproxy_tools.common import children, free_port, session as loopback_session  # noqa: E402
+from kproxy_tools.common import free_port, gunicorn_workers, session as loopback_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -652,7 +652,7 @@ def soak(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{listen_port}"
         wait_for(lambda: gateway.popen.poll() is None and get(url + "/-/readyz").status_code == 200,
                  60, "kproxy ready")
-        workers = wait_for(lambda: (w := children(gateway.pid)) and len(w) == args.workers and w, 30,
+        workers = wait_for(lambda: (w := gunicorn_workers(gateway.pid)) and len(w) == args.workers and w, 30,
                            f"{args.workers} gunicorn workers")
         for _ in range(4 * args.workers):  # fresh connections: every worker routes to discovered nodes
             wait_for(lambda: get(url + "/small", timeout=10, host=HOST).status_code == 200, 30, "a routed request")
@@ -672,7 +672,7 @@ def soak(args: argparse.Namespace) -> int:
         settle(workers, listen_port)
         end = snapshot(workers, listen_port, node_ports, api_port)
         metrics = get(url + "/-/metrics").text
-        workers_after = children(gateway.pid)
+        workers_after = gunicorn_workers(gateway.pid)
         log_text = gateway.log.read_text(errors="replace")
 
         failed = report(args, warm, run, elapsed, start, end, sampler, workers, workers_after, metrics, log_text)

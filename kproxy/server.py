@@ -20,7 +20,9 @@ is the same server with the same hooks, so both behave alike:
   setting that only a restart applies (``restart`` in kproxy/config.py) is logged by name;
 - ``child_exit``: a dead worker's live gauges are dropped;
 - ``on_starting``: with ``workers > 1``, the workers share one discovery process
-  (``kproxy.discovery.shared``) instead of watching the API server each.
+  (``kproxy.discovery.shared``) instead of watching the API server each; the master starts
+  it here when the config has a registry or a health check, and a worker starts a new one
+  whenever none answers.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ _started: configmod.Config | None = None
 # The master's private directory for the bytes a reload validated; made before any
 # worker forks, so every worker knows it.
 _handoff_dir: str | None = None
+# The discovery process the master started (workers > 1); see on_starting.
+_discovery: Any = None
 
 
 def remember(config: configmod.Config) -> None:
@@ -137,7 +141,23 @@ def on_starting(server: Any) -> None:
     prepare_metrics_dir()
     configure_logging()
     from .discovery import shared
-    shared.prepare(server.cfg.workers)  # workers > 1: one discovery process feeds them all
+    directory = shared.prepare(server.cfg.workers)  # workers > 1: one discovery process feeds them all
+    if directory and _current is not None and shared.needed(_current):
+        _start_discovery(server, directory)
+
+
+def _start_discovery(server: Any, directory: str) -> None:
+    # Started here, the process boots while the workers do, not after the first of them has.
+    # Kept referenced: gunicorn reaps it (a child that is not a worker), never Popen's
+    # finalizer, which might wait on a pid reused since.
+    global _discovery
+    from .discovery import shared
+    try:
+        _discovery = shared.start_process(directory, os.getpid())
+        if _discovery is not None:
+            server.log.info("started the discovery process (pid %d)", _discovery.pid)
+    except OSError as e:  # the workers start one when none answers
+        server.log.warning("cannot start the discovery process (%s); a worker will try", e)
 
 
 def when_ready(server: Any) -> None:

@@ -105,6 +105,17 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def gunicorn_workers(master: int) -> list[int]:
+    """The workers of a gunicorn master: its children but the pod's discovery process."""
+    def is_discovery(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"kproxy.discovery.process" in f.read()
+        except OSError:
+            return False
+    return [pid for pid in children(master) if not is_discovery(pid)]
+
+
 class Proc:
     """A process we started (:func:`spawn`), output to ``log``; :meth:`stop` ends its group."""
 

@@ -21,7 +21,7 @@ import requests
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wsgi import get_input_stream
 
-from kproxy_tools.common import children, free_port, session, terminate
+from kproxy_tools.common import free_port, gunicorn_workers, session, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,9 +215,9 @@ class GatewayProcess:
         wait_until(lambda: session().get(self.url + "/-/readyz", timeout=5).status_code == 200, timeout=timeout)
 
     def pids(self) -> list[int]:
-        """The process and its children (gunicorn workers)."""
+        """The process and its gunicorn workers (not the pod's discovery process)."""
         assert self.process is not None
-        return [self.process.pid, *children(self.process.pid)]
+        return [self.process.pid, *gunicorn_workers(self.process.pid)]
 
     def logs(self) -> str:
         out = []

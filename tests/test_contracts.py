@@ -5,7 +5,8 @@ prometheus_client's in test_metrics.py).
 
 - gunicorn, all in kproxy/worker.py: the gthread worker kproxy extends, and the arbiter's
   parts that kproxy/server.py's hooks use through it (its reload, replaced by an in-place
-  reload; its workers; the control-socket setting). The hooks also read ``server.log``,
+  reload; its workers; the control-socket setting; its reaping of a child that is not a
+  worker, the discovery process). The hooks also read ``server.log``,
   ``server.cfg``, ``worker.wsgi`` and ``worker.pid``, as gunicorn's example config does:
   pinned here too;
 - kubernetes, in kproxy/discovery/apiserver.py (the client's configuration, its urllib3
@@ -15,6 +16,9 @@ prometheus_client's in test_metrics.py).
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
+import textwrap
 
 
 def test_gunicorn_gthread_internals_are_there():
@@ -72,6 +76,36 @@ def test_gunicorn_arbiter_parts_the_hooks_use_are_there():
     assert reloads == ["in place"]
     arbiter.WORKERS = {101: object(), 102: object()}  # what spawn_worker fills in, per instance here
     assert worker_pids(arbiter) == [101, 102]
+
+
+def test_gunicorn_reaps_a_child_that_is_not_a_worker_and_carries_on():
+    """The master starts the discovery process (kproxy/server.py, on_starting): when it
+    exits, whatever its code, gunicorn reaps it as a stranger, never as a worker that failed
+    to boot (which halts the master). Run in a child, since reap_workers waits on any pid."""
+    script = textwrap.dedent("""
+        import os, sys, time
+        from gunicorn.arbiter import Arbiter
+
+        class Log:
+            def __getattr__(self, name):
+                return lambda *args, **kwargs: None
+
+        arbiter = Arbiter.__new__(Arbiter)
+        arbiter.WORKERS, arbiter.reexec_pid, arbiter.dirty_arbiter_pid, arbiter.log = {}, 0, 0, Log()
+        child = os.fork()
+        if child == 0:
+            os._exit(Arbiter.WORKER_BOOT_ERROR)
+        for _ in range(500):
+            time.sleep(0.01)
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+        arbiter.reap_workers()  # raises HaltServer if it took the child for a worker
+        print(os.path.exists(f"/proc/{child}"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False", "gunicorn left the child unreaped"
 
 
 def test_kubernetes_client_internals_are_there():

@@ -91,6 +91,11 @@ def discovery_processes(pgid: int) -> list[int]:
     return [p for p in group(pgid) if "kproxy.discovery.process" in cmdline(p)]
 
 
+def parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
 def alive(pid: int) -> bool:
     fields = _stat(pid)
     return fields is not None and fields[0] != "Z"
@@ -238,6 +243,7 @@ def test_four_workers_hold_the_watches_of_one_and_every_worker_routes_each_chang
         assert {status for status, _ in pinned.every("/-/readyz").values()} == {200}
         discovery = discovery_processes(gw.process.pid)
         assert len(discovery) == 1, [cmdline(p) for p in group(gw.process.pid)]
+        assert parent(discovery[0]) == gw.process.pid  # the master started it, beside the workers
         wait_until(lambda: api_connections(gw.process.pid, kube.port) == one_worker, timeout=10)
         assert api_connections(gw.process.pid, kube.port) == one_worker >= 2
         for pid in pinned.conns:  # a worker holds no connection to the API server
@@ -253,6 +259,7 @@ def test_four_workers_hold_the_watches_of_one_and_every_worker_routes_each_chang
         assert len(bodies) == 1, "workers answer /-/discovery differently"
         first = next(iter(dumps.values()))
         assert first["discovery_pid"] == discovery[0] and first["informers"]["endpoints"]["lists"] == 1
+        assert [d["worker"]["spawned"] for d in dumps.values()] == [0] * 4
         assert first["services"][f"{namespace}/echo"]["ports"]["http"] == [f"127.0.0.1:{b.port}"]
         assert kube.admin_token not in json.dumps(dumps)
         metrics = {pid: discovery_metrics(body.decode()) for pid, (_, body) in pinned.every("/-/metrics").items()}
@@ -307,12 +314,15 @@ def test_restarted_workers_get_the_snapshot_without_a_list(kube, namespace, toke
     gw = gateways("gunicorn", ini(kube, namespace, token_file, workers=4),
                   env={"GUNICORN_CMD_ARGS": "--max-requests 25"})
     wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
-    discovery, = discovery_processes(gw.process.pid)
+    first, = discovery_processes(gw.process.pid)  # the master's: a worker starts the next
+    os.kill(first, signal.SIGKILL)
+    discovery = wait_until(lambda: [p for p in discovery_processes(gw.process.pid) if p != first], timeout=10)[0]
+    wait_until(lambda: dump(gw).get("discovery_pid") == discovery and dump(gw)["ready"], timeout=20)
     before = set(worker_pids(gw))
     # the worker that started the discovery process crashes: the process outlives it
-    parent = int(_stat(discovery)[1])
-    assert parent in before
-    os.kill(parent, signal.SIGKILL)
+    starter = parent(discovery)
+    assert starter in before
+    os.kill(starter, signal.SIGKILL)
     for _ in range(300):  # new connections: every worker serves a share and is recycled
         status = session().get(gw.url + "/x", headers={"Host": HOST}, timeout=10).status_code
         assert status == 200
@@ -519,7 +529,7 @@ HEALTH = {"health_check_path": "/healthz", "health_check_interval": 0.2, "health
           "unhealthy_threshold": 2, "healthy_threshold": 2}
 
 
-def static_ini(nodes, workers: int) -> str:
+def static_ini(nodes, workers: int, health: bool = True) -> str:
     return f"""
 [kproxy]
 workers = {workers}
@@ -529,7 +539,7 @@ keepalive_timeout = 120
 [service:echo]
 host = {HOST}
 nodes = {" ".join(f"127.0.0.1:{n.port}" for n in nodes)}
-{ini_lines(HEALTH)}
+{ini_lines(HEALTH) if health else ""}
 [api:echo]
 service = echo
 path = /
@@ -565,6 +575,7 @@ def test_four_workers_check_each_node_once_per_interval_and_all_follow_the_verdi
             assert rounds / 3 <= server.checks - checks <= rounds * 1.5, (server.checks - checks, rounds)
 
         discovery, = discovery_processes(gw.process.pid)
+        assert parent(discovery) == gw.process.pid  # checks alone are work enough to start it with the pod
         dumps = health_dumps(pinned)
         assert {d["checked_by"] for d in dumps.values()} == {discovery}
         assert all(d["connected"] and d["nodes"][f"127.0.0.1:{servers[1].port}"]["last"] == "fail: status 500"
@@ -580,6 +591,16 @@ def test_four_workers_check_each_node_once_per_interval_and_all_follow_the_verdi
     logs = gw.logs()
     stop_and_check_nothing_left(gw, [discovery])
     assert "Traceback" not in logs
+
+
+def test_a_pod_with_nothing_to_discover_or_check_runs_no_discovery_process(upstream, gateways):
+    gw = gateways("gunicorn", static_ini([upstream(EchoApp("a"))], workers=2, health=False))
+    wait_until(lambda: session().get(gw.url + "/-/readyz", timeout=5).status_code == 200, timeout=30)
+    for _ in range(10):
+        assert session().get(gw.url + "/x", headers={"Host": HOST}, timeout=5).json()["node"] == "a"
+    time.sleep(1.0)  # longer than a discovery process takes to appear
+    assert discovery_processes(gw.process.pid) == []
+    assert len(worker_pids(gw)) == 2
 
 
 def test_a_node_stays_out_while_the_discovery_process_is_replaced(upstream, gateways):

@@ -15,11 +15,12 @@ the registry's name, the hash of its config (``registry_key``) and the config it
 holds the token: it is never logged); the discovery process answers with the full
 snapshot once its registry has listed, then with the Services that changed (``frame``).
 
-Election: the discovery process holds an ``flock`` on ``DIR/lock`` for its life. A worker
-that cannot connect takes that lock (without waiting) and, if it got it, starts a new
-discovery process and hands it the locked file, so two workers never start two. The new
-process lives in the master's process group, exits when the master does (it watches the
-master's pid through a pidfd), and outlives any worker.
+Election: the discovery process holds an ``flock`` on ``DIR/lock`` for its life. The master
+starts the first one as it starts (``start_process``), so that it boots beside the workers.
+A worker that cannot connect takes that lock (without waiting) and, if it got it, starts a
+new discovery process and hands it the locked file, so two never run. The process lives in
+the master's process group, exits when the master does (it watches the master's pid
+through a pidfd), and outlives any worker.
 
 While disconnected, a worker routes by its last snapshot; it is replaced only by a new full
 snapshot, which a new discovery process sends only after its first full list: never an
@@ -63,7 +64,7 @@ from . import RegistryStats
 from .endpoints import EMPTY, ServiceKey, ServiceView, keep_unchanged
 
 if TYPE_CHECKING:
-    from ..config import RegistryConfig
+    from ..config import Config, RegistryConfig
 
 log = logging.getLogger("kproxy.discovery")
 
@@ -89,6 +90,34 @@ def prepare(workers: int) -> str | None:
     path = tempfile.mkdtemp(prefix="kproxy-discovery-")  # 0700: subscriptions carry tokens
     os.environ[ENV] = path
     return path
+
+
+def needed(config: Config) -> bool:
+    """Whether a config gives the discovery process work: a registry or a health check."""
+    return bool(config.registries) or any(s.health_check_path for s in config.services.values())
+
+
+def start_process(directory: str, master: int) -> subprocess.Popen | None:
+    """Start the pod's discovery process unless one holds the lock (runs or is starting):
+    the new process, or None. Raises OSError when it cannot be started."""
+    try:
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # the master removed the directory: it is exiting
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        # the child inherits the locked file: the lock passes to it, never released between
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", directory,
+                   "--master", str(master), "--lock-fd", str(fd)]
+        return subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+    finally:
+        os.close(fd)
 
 
 def cleanup() -> None:
@@ -428,32 +457,17 @@ class Follower:
             return
         if time.monotonic() - self._spawned_at < SPAWN_INTERVAL:
             return
+        self._spawned_at = time.monotonic()
         try:
-            fd = os.open(os.path.join(self._dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:  # the master removed the directory: it is exiting
+            child = start_process(self._dir, self._master)
+        except OSError as e:  # out of processes or memory: the worker lives on, and tries again
+            log.warning("%s: cannot start the discovery process (%s); trying again in %g s", self.name, e,
+                        SPAWN_INTERVAL)
             return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            # the child inherits the locked file: the lock passes to it, never released between
-            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-            command = [sys.executable, "-m", "kproxy.discovery.process", "--dir", self._dir,
-                       "--master", str(self._master), "--lock-fd", str(fd)]
-            log.info("%s: no discovery process answers; starting one", self.name)
-            self._spawned_at = time.monotonic()
-            try:
-                self._child = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
-            except OSError as e:  # out of processes or memory: the worker lives on, and tries again
-                log.warning("%s: cannot start the discovery process (%s); trying again in %g s", self.name, e,
-                            SPAWN_INTERVAL)
-                return
+        if child is not None:
+            log.info("%s: no discovery process answered; started one (pid %d)", self.name, child.pid)
+            self._child = child
             self.spawned += 1
-        finally:
-            os.close(fd)
 
     def _reap(self) -> None:
         if self._child is not None and self._child.poll() is not None:
