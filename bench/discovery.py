@@ -81,7 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 from bench import _kube  # noqa: E402
 from bench._common import (BENCH, HOST, PATH, PYTHON, ROOT, Proc, client_ports_by_worker, http_get,  # noqa: E402
                            node_body, percentile, proc_mb, proc_stats, rss_mb, say, start_upstream, table, wait_http)
-from kproxy_tools.common import free_ports, resource_path, session as loopback_session  # noqa: E402
+from kproxy_tools.common import (free_ports, is_discovery_process, resource_path,  # noqa: E402
+                                 session as loopback_session)
 
 PARTS = ("convergence", "sync", "phases", "workers")  # the order they run in
 SYNC_NS, EMPTY_NS, CONV_NS = "bench-sync", "bench-empty", "bench-conv"
@@ -289,14 +290,6 @@ def group(pgid: int) -> list[int]:
     return sorted(pid for pid, fields in proc_stats() if fields[0] != "Z" and int(fields[2]) == pgid)
 
 
-def is_discovery(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"kproxy.discovery.process" in f.read()
-    except OSError:
-        return False
-
-
 def pss_mb(pid: int) -> float | None:
     return proc_mb(pid, "Pss", "smaps_rollup")
 
@@ -310,7 +303,7 @@ def api_connections(pgid: int, api_port: int) -> int:
 
 
 def workers_of(proc: Proc) -> list[int]:
-    return [p for p in group(proc.pid) if p != proc.pid and not is_discovery(p)]
+    return [p for p in group(proc.pid) if p != proc.pid and not is_discovery_process(p)]
 
 
 def wait_workers(proc: Proc, workers: int, timeout: float = 30.0) -> list[int]:
@@ -558,7 +551,7 @@ def measure_pod(run: Run, name: str, workers: int, shared: bool, namespace: str)
                 raise RuntimeError(f"not every worker was ready in 120 s ({pinned.last_error})")
         time.sleep(11.0)  # past the first malloc_trim (kproxy.memory, every 10 s)
         members = group(proc.pid)
-        discovery = [p for p in members if is_discovery(p)]
+        discovery = [p for p in members if is_discovery_process(p)]
         return {"ready_all": done - started,
                 "rss": sum(rss_mb(p) or 0 for p in members), "pss": sum(pss_mb(p) or 0 for p in members),
                 "workers_rss": [rss_mb(p) for p in pids], "workers_pss": [pss_mb(p) for p in pids],

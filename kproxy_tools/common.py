@@ -105,15 +105,18 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def is_discovery_process(pid: int) -> bool:
+    """Whether ``pid`` is a pod's discovery process (``python -m kproxy.discovery.process``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kproxy.discovery.process" in f.read()
+    except OSError:
+        return False
+
+
 def gunicorn_workers(master: int) -> list[int]:
     """The workers of a gunicorn master: its children but the pod's discovery process."""
-    def is_discovery(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return b"kproxy.discovery.process" in f.read()
-        except OSError:
-            return False
-    return [pid for pid in children(master) if not is_discovery(pid)]
+    return [pid for pid in children(master) if not is_discovery_process(pid)]
 
 
 class Proc:
