@@ -727,3 +727,33 @@ def test_a_discovery_process_that_cannot_be_started_is_tried_again(tmp_path, mon
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
     assert all(gap >= shared.SPAWN_INTERVAL * 0.9 for gap in gaps), gaps
     assert caplog.text.count("cannot start the discovery process") == 2
+
+
+def test_a_worker_that_found_a_process_starting_replaces_it_at_once_when_it_dies(tmp_path, monkeypatch):
+    """While the master's discovery process boots, workers find its lock held and wait; if
+    it dies then, the next worker to look starts another at once: finding one starting is
+    not a start, and does not count against the one-a-second bound."""
+    import fcntl
+
+    from kproxy.config import RegistryConfig
+    from kproxy.discovery import shared
+    from kproxy.discovery.shared import SharedRegistry
+    started = []
+    monkeypatch.setattr(shared.subprocess, "Popen", lambda *args, **kwargs: started.append(args) or FakeChild())
+    registry = SharedRegistry(RegistryConfig("k", "kubernetes"), str(tmp_path))
+    booting = os.open(tmp_path / shared.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(booting, fcntl.LOCK_EX)  # the master's process, still booting
+    registry._elect()
+    assert started == [] and registry.spawned == 0
+    os.close(booting)  # it died before it listened
+    registry._elect()
+    assert len(started) == 1 and registry.spawned == 1
+    registry._elect()  # the one just started holds no lock here: the bound keeps a second out
+    assert len(started) == 1
+
+
+class FakeChild:
+    pid = 0
+
+    def poll(self) -> None:
+        return None

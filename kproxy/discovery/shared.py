@@ -457,14 +457,15 @@ class Follower:
             return
         if time.monotonic() - self._spawned_at < SPAWN_INTERVAL:
             return
-        self._spawned_at = time.monotonic()
         try:
             child = start_process(self._dir, self._master)
         except OSError as e:  # out of processes or memory: the worker lives on, and tries again
+            self._spawned_at = time.monotonic()
             log.warning("%s: cannot start the discovery process (%s); trying again in %g s", self.name, e,
                         SPAWN_INTERVAL)
             return
-        if child is not None:
+        if child is not None:  # else one runs, or is starting: only a start counts against the interval
+            self._spawned_at = time.monotonic()
             log.info("%s: no discovery process answered; started one (pid %d)", self.name, child.pid)
             self._child = child
             self.spawned += 1
