@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 import pytest
 
@@ -245,7 +246,7 @@ class Tricklers:
                 self.sockets.append(s)
                 if self.kept_alive:  # one whole request first: the slow head is the second one
                     s.sendall(b"GET /first HTTP/1.1\r\nHost: echo.test\r\n\r\n")
-                    assert status_of(read_answer(s)) == 200
+                    assert status_of(read_answer(s.makefile("rb"))) == 200
                 s.sendall(self.HEAD[:1])
         except BaseException:
             self.__exit__()
@@ -275,20 +276,18 @@ class Tricklers:
             s.close()
 
 
-def read_answer(s: socket.socket) -> bytes:
-    """One answer with a Content-Length body, read from a kept-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+def read_answer(reader: BinaryIO) -> bytes:
+    """One answer with a Content-Length body from a kept-alive connection's reader
+    (``sock.makefile("rb")``): its bytes alone, though the next answers came with them."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline(65537)
+        assert line, head
+        head += line
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        chunk = s.recv(65536)
-        assert chunk, data
-        body += chunk
-    return head + b"\r\n\r\n" + body
+    body = reader.read(length)
+    assert len(body) == length, head + body
+    return head + body
 
 
 def fresh_get_seconds(gw) -> float:
@@ -354,7 +353,8 @@ def test_a_head_that_arrives_in_pieces_is_served_with_its_body_and_what_is_pipel
         # the end of the head, the body and two pipelined requests in one write
         s.sendall(b"\r\n" + body + b"GET /two HTTP/1.1\r\nHost: echo.test\r\n\r\n"
                   b"GET /three HTTP/1.1\r\nHost: echo.test\r\n\r\n")
-        answers = [json.loads(read_answer(s).partition(b"\r\n\r\n")[2]) for _ in range(3)]
+        reader = s.makefile("rb")  # the three answers may come in one read
+        answers = [json.loads(read_answer(reader).partition(b"\r\n\r\n")[2]) for _ in range(3)]
     assert [a["raw_uri"] for a in answers] == ["/one", "/two", "/three"]
     assert answers[0]["body_length"] == len(body)
 
