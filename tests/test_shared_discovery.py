@@ -145,29 +145,25 @@ class Pinned:
     """One kept-alive connection to each worker, each found by which worker holds the
     server side of a new connection (/proc/net/tcp and the workers' fds)."""
 
-    def __init__(self, gw: GatewayProcess, workers: int, attempts: int = 200):
+    def __init__(self, gw: GatewayProcess, workers: int, timeout: float = 30.0):
         self.conns: dict[int, http.client.HTTPConnection] = {}
-        spare = []
-        deadline = time.monotonic() + 30
-        for _ in range(attempts):
+        # a worker accepts once it has booted: on a loaded machine the last one may take
+        # seconds, so this tries for ``timeout`` seconds, not for a number of connections
+        deadline = time.monotonic() + timeout
+        while len(self.conns) < workers and time.monotonic() < deadline:
             pids = worker_pids(gw)
             conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
             conn.request("GET", "/-/healthz")
             local = conn.sock.getsockname()[1]
             response = conn.getresponse()
             response.read()
-            if response.will_close:  # not a connection to keep
-                continue
             inode = next((i for lport, rport, _, i in _tcp_table() if lport == gw.port and rport == local), None)
             pid = next((p for p in pids if inode in _socket_inodes(p)), None)
-            if pid is not None and pid not in self.conns:
+            if not response.will_close and pid is not None and pid not in self.conns:
                 self.conns[pid] = conn
             else:
-                spare.append(conn)
-            if len(self.conns) == workers or time.monotonic() > deadline:
-                break
-        for conn in spare:
-            conn.close()
+                conn.close()
+                time.sleep(0.01)
         if len(self.conns) < workers:
             self.close()
             raise AssertionError(f"reached {len(self.conns)} of {workers} workers")
@@ -757,3 +753,41 @@ class FakeChild:
 
     def poll(self) -> None:
         return None
+
+
+def test_a_discovery_process_that_keeps_dying_before_it_lists_is_started_ever_later(tmp_path, monkeypatch, caplog):
+    """Four workers, and a discovery process that dies as soon as it starts (as one killed
+    for memory while it lists a large cluster would): the pod waits 1, 2, 4 ... s between
+    starts, whichever worker starts it, instead of LISTing the cluster again every time."""
+    from kproxy.config import RegistryConfig
+    from kproxy.discovery import shared
+    from kproxy.discovery.shared import SharedRegistry
+    real, starts = subprocess.Popen, []
+
+    def popen(command, **kwargs):  # the lock is handed over as before; the process exits at once
+        starts.append(time.monotonic())
+        return real([sys.executable, "-c", "pass"], **kwargs)
+    monkeypatch.setattr(shared.subprocess, "Popen", popen)
+    workers = [SharedRegistry(RegistryConfig("k", "kubernetes"), str(tmp_path)) for _ in range(4)]
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(6.5)
+    finally:
+        for worker in workers:
+            worker.stop()
+    gaps = [round(b - a, 2) for a, b in zip(starts, starts[1:])]
+    assert len(starts) == 3, gaps  # at 0, 1 and 3 s; the next would be at 7 s
+    assert gaps[0] >= shared.backoff(1) and gaps[1] >= shared.backoff(2), gaps
+    assert "2 starts in a row ended before listing" in caplog.text
+
+
+def test_a_discovery_process_that_listed_is_replaced_at_once(tmp_path, monkeypatch):
+    from kproxy.discovery import shared
+    started = []
+    monkeypatch.setattr(shared.subprocess, "Popen", lambda *args, **kwargs: started.append(args) or FakeChild())
+    for _ in range(3):  # three that died before they listed
+        shared._write_starts(str(tmp_path), shared._read_starts(str(tmp_path))[0] + 1, time.monotonic())
+    assert shared.start_process(str(tmp_path), os.getpid()) is None  # 4 s to wait
+    shared.settled(str(tmp_path))  # what the next one writes once its first list is done
+    assert shared.start_process(str(tmp_path), os.getpid()) is not None and len(started) == 1

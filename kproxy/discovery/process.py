@@ -4,12 +4,14 @@
 
     python -m kproxy.discovery.process --dir DIR --master PID [--lock-fd FD]
 
-A worker starts it (``Follower._elect``) and hands it ``DIR/lock``, locked; it serves
-``DIR/socket`` until the master ``PID`` exits or the directory is removed. A registry, or
-a service's checks, run while a worker subscribes to them, and ``GRACE`` seconds after the
-last one left, so a restarting worker, or a reload that keeps them, finds the cache, the
-watches and the health verdicts still there, and a reload that changed them lets the old
-ones go.
+The master, or a worker, starts it (``shared.start_process``) and hands it ``DIR/lock``,
+locked; it serves ``DIR/socket`` until the master ``PID`` exits or the directory is
+removed. A registry, or a service's checks, run while a worker subscribes to them, and
+``GRACE`` seconds after the last one left, so a restarting worker, or a reload that keeps
+them, finds the cache, the watches and the health verdicts still there, and a reload that
+changed them lets the old ones go. Once a registry has listed (or it has run
+``SETTLE_AFTER`` seconds) it records that it works, so that its successor starts at once;
+one that dies before then is followed after a growing wait (``shared.backoff``).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from .apiserver import preload_client
 from .endpoints import ServiceKey, ServiceView
 from .kubernetes import KubernetesRegistry
 from .shared import (LOCK, SOCKET, config_from_fields, encode_view, frame, full_body, read_frame, record, registry_key,
-                     send_frame)
+                     send_frame, settled)
 
 log = logging.getLogger("kproxy.discovery")
 
 GRACE = 10.0          # seconds a registry outlives its last subscriber
 TICK = 0.05           # seconds between readiness checks when nothing changes
+SETTLE_AFTER = 10.0   # seconds after which a process that listed nothing counts as working
 BACKLOG_LIMIT = 256 << 20  # bytes queued for a worker that does not read: it is cut off
 
 
@@ -142,9 +145,10 @@ class Channel(Followed):
     """One registry and the workers that follow it: the full snapshot to each new one once
     the registry has listed, then every change as the Services it touched."""
 
-    def __init__(self, key: tuple[str, str], registry: KubernetesRegistry):
+    def __init__(self, key: tuple[str, str], registry: KubernetesRegistry, on_ready: Callable[[], None]):
         super().__init__(key)
         self.registry = registry
+        self._on_ready = on_ready
         self._wake = threading.Event()
         self._published: dict[ServiceKey, ServiceView] = {}
         self._version = 0
@@ -183,6 +187,8 @@ class Channel(Followed):
                 return  # before the first full list there is nothing a worker may route by
             current = self.registry.snapshot()
             if current is not self._published:
+                if not self._version:
+                    self._on_ready()
                 previous, self._published = self._published, current
                 if not self._followers:
                     # nobody to send a delta to (the first list, all workers waiting): the
@@ -277,6 +283,18 @@ class Hub:
         self._channels: dict[tuple[str, str], Channel] = {}
         self._health: dict[tuple[str, str], HealthChannel] = {}
         self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._settled = False
+
+    def settle(self) -> None:
+        """This process works (a registry listed, or it ran SETTLE_AFTER seconds): the pod
+        need not wait before it starts the next one (``shared.backoff``)."""
+        if not self._settled:
+            self._settled = True
+            try:
+                settled(self.directory)
+            except OSError as e:
+                log.warning("discovery process: cannot record that it works: %s", e)
 
     def channel(self, key: tuple[str, str]) -> Channel | None:
         return self._channels.get(key)
@@ -302,6 +320,8 @@ class Hub:
                 log.info("discovery process: %s was removed; exiting", self.path)
                 return
             self._stop_idle()
+            if time.monotonic() - self._started >= SETTLE_AFTER:
+                self.settle()  # health checks alone never list
 
     def _stop_idle(self) -> None:
         now = time.monotonic()
@@ -330,7 +350,7 @@ class Hub:
                 config = config_from_fields(request["config"])
                 if registry_key(config) != key:
                     raise ValueError(f"registry {key[0]}: the config does not match its hash")
-                self._follow(conn, reader, self._channels, key, lambda: Channel(key, KubernetesRegistry(config)))
+                self._follow(conn, reader, self._channels, key, lambda: Channel(key, KubernetesRegistry(config), self.settle))
                 return
             if request["op"] == "health":
                 spec, verdict = request["spec"], [(host, port) for host, port in request.get("unhealthy", ())]

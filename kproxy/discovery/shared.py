@@ -70,10 +70,11 @@ log = logging.getLogger("kproxy.discovery")
 
 ENV = "KPROXY_DISCOVERY_DIR"      # set by the gunicorn master when workers > 1
 SWITCH = "KPROXY_SHARED_DISCOVERY"  # "off": every worker runs its own watches, as before
-SOCKET, LOCK = "socket", "lock"
+SOCKET, LOCK, STARTS = "socket", "lock", "starts"
 RETRY = 0.05          # seconds between attempts to reach the discovery process (a connect())
 SPAWN_INTERVAL = 1.0  # a worker starts at most one discovery process a second: one that
                       # dies at once is retried, not started in a tight loop
+BACKOFF_MAX = 30.0    # seconds: the longest wait between starts of a process that keeps dying
 REQUEST_TIMEOUT = 5.0  # seconds for a dump or stats answer
 _LENGTH = struct.Struct("!I")
 MAX_FRAME = 1 << 30
@@ -97,9 +98,41 @@ def needed(config: Config) -> bool:
     return bool(config.registries) or any(s.health_check_path for s in config.services.values())
 
 
+def backoff(unsettled: int) -> float:
+    """Seconds from the last start to the next after ``unsettled`` starts in a row ended
+    before they settled (listed, or ran for a while): 0, then 1, 2, 4 ... up to BACKOFF_MAX.
+    A process that dies as it lists (out of memory on a large cluster, say) would otherwise
+    be started again at once, and LIST the whole cluster again, for as long as it dies."""
+    return 0.0 if unsettled <= 0 else min(2.0 ** (unsettled - 1), BACKOFF_MAX)
+
+
+def _read_starts(directory: str) -> tuple[int, float]:
+    try:
+        with open(os.path.join(directory, STARTS)) as f:
+            unsettled, at = f.read().split()
+        return int(unsettled), float(at)
+    except (OSError, ValueError):
+        return 0, float("-inf")
+
+
+def _write_starts(directory: str, unsettled: int, at: float) -> None:
+    # only the holder of the lock writes: a starter, then the process it started
+    path = os.path.join(directory, STARTS)
+    with open(path + ".new", "w") as f:
+        f.write(f"{unsettled} {at!r}\n")
+    os.replace(path + ".new", path)
+
+
+def settled(directory: str) -> None:
+    """In the discovery process, once it works: the next start, when it ends, waits for
+    nothing."""
+    _write_starts(directory, 0, time.monotonic())  # CLOCK_MONOTONIC: one clock for the pod's processes
+
+
 def start_process(directory: str, master: int) -> subprocess.Popen | None:
-    """Start the pod's discovery process unless one holds the lock (runs or is starting):
-    the new process, or None. Raises OSError when it cannot be started."""
+    """Start the pod's discovery process unless one holds the lock (runs or is starting)
+    or the last ones died before they settled and their ``backoff`` has not passed: the
+    new process, or None. Raises OSError when it cannot be started."""
     try:
         fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:  # the master removed the directory: it is exiting
@@ -109,6 +142,15 @@ def start_process(directory: str, master: int) -> subprocess.Popen | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
+        unsettled, last = _read_starts(directory)
+        wait = backoff(unsettled)
+        if time.monotonic() - last < wait:
+            return None
+        if unsettled:
+            log.warning("discovery process: %d start%s in a row ended before listing; starting another, "
+                        "and the next no sooner than %g s after it", unsettled, "s" if unsettled > 1 else "",
+                        backoff(unsettled + 1))
+        _write_starts(directory, unsettled + 1, time.monotonic())
         # the child inherits the locked file: the lock passes to it, never released between
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
