@@ -727,8 +727,9 @@ def test_a_discovery_process_that_cannot_be_started_is_tried_again(tmp_path, mon
 
 def test_a_worker_that_found_a_process_starting_replaces_it_at_once_when_it_dies(tmp_path, monkeypatch):
     """While the master's discovery process boots, workers find its lock held and wait; if
-    it dies then, the next worker to look starts another at once: finding one starting is
-    not a start, and does not count against the one-a-second bound."""
+    it dies then, the next worker to look starts another as soon as the pod's backoff
+    allows (at once here: no start on record). Finding one starting is not a start of the
+    worker's own, and does not count against its one-a-second bound."""
     import fcntl
 
     from kproxy.config import RegistryConfig
