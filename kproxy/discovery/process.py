@@ -350,7 +350,8 @@ class Hub:
                 config = config_from_fields(request["config"])
                 if registry_key(config) != key:
                     raise ValueError(f"registry {key[0]}: the config does not match its hash")
-                self._follow(conn, reader, self._channels, key, lambda: Channel(key, KubernetesRegistry(config), self.settle))
+                self._follow(conn, reader, self._channels, key,
+                             lambda: Channel(key, KubernetesRegistry(config), self.settle))
                 return
             if request["op"] == "health":
                 spec, verdict = request["spec"], [(host, port) for host, port in request.get("unhealthy", ())]

@@ -143,8 +143,7 @@ def start_process(directory: str, master: int) -> subprocess.Popen | None:
         except BlockingIOError:
             return None
         unsettled, last = _read_starts(directory)
-        wait = backoff(unsettled)
-        if time.monotonic() - last < wait:
+        if time.monotonic() - last < backoff(unsettled):
             return None
         if unsettled:
             log.warning("discovery process: %d start%s in a row ended before listing; starting another, "
@@ -506,7 +505,7 @@ class Follower:
             log.warning("%s: cannot start the discovery process (%s); trying again in %g s", self.name, e,
                         SPAWN_INTERVAL)
             return
-        if child is not None:  # else one runs, or is starting: only a start counts against the interval
+        if child is not None:  # else one runs or is starting, or the pod backs off: not a start
             self._spawned_at = time.monotonic()
             log.info("%s: no discovery process answered; started one (pid %d)", self.name, child.pid)
             self._child = child
