@@ -18,9 +18,11 @@ snapshot once its registry has listed, then with the Services that changed (``fr
 Election: the discovery process holds an ``flock`` on ``DIR/lock`` for its life. The master
 starts the first one as it starts (``start_process``), so that it boots beside the workers.
 A worker that cannot connect takes that lock (without waiting) and, if it got it, starts a
-new discovery process and hands it the locked file, so two never run. The process lives in
-the master's process group, exits when the master does (it watches the master's pid
-through a pidfd), and outlives any worker.
+new discovery process and hands it the locked file, so two never run. Whoever holds the
+lock keeps ``DIR/starts``: the starts in a row that ended before they listed, and when
+the last began, from which the next start waits (``backoff``). The process lives in the
+master's process group, exits when the master does (it watches the master's pid through
+a pidfd), and outlives any worker.
 
 While disconnected, a worker routes by its last snapshot; it is replaced only by a new full
 snapshot, which a new discovery process sends only after its first full list: never an
