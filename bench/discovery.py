@@ -1,11 +1,11 @@
 """Discovery benchmarks on a real kube-apiserver (``kproxy_tools.testenv``; never part of the tests).
 
-    python bench/discovery.py [--parts sync,phases,convergence,workers] [--baseline REV]
+    python bench/discovery.py [--parts sync,boot,phases,convergence,workers] [--baseline REV]
                               [--services 5000] [--addresses 10] [--writes 50] [--repeats 3]
                               [--threads 8] [--json FILE]
 
 Parts (``--parts``, default ``sync,convergence``: what bench/run.py runs); whatever is
-asked runs in the order convergence, sync, phases, workers, on one API server. The
+asked runs in the order convergence, sync, boot, phases, workers, on one API server. The
 ``--services`` Endpoints x ``--addresses`` addresses (namespace bench-sync) are created
 once, with ``--threads`` threads, by the first part that needs them; "empty namespace"
 starts watch bench-empty.
@@ -18,6 +18,11 @@ sync         Initial sync, gunicorn -w 1, ``resource = endpoints``: seconds from
              a fresh worktree's .pyc files and reads the files from disk). Targets: ready
              within 2 s and at most 80 MB extra (discovery issue); the sync adds at most
              1.0 s (issue #15, a goal).
+boot         A pod's boot: seconds from spawning gunicorn until every worker answers
+             ``/-/readyz`` 200 (one kept-alive connection per worker) on the empty
+             namespace, ``-w 1`` and ``-w 4``; median of ``--repeats`` starts each, after the
+             same unmeasured start per checkout as sync. With ``-w 4`` the discovery process
+             boots beside the workers; this shows what that costs against ``-w 1``.
 phases       Where the first sync's time goes, in-process (bench/_sync_phases.py, one cold
              process per measurement, ``--repeats`` each, medians): imports, the registry's
              first sync (start until ready), then replayed step by step: connect, the
@@ -41,7 +46,7 @@ workers      Issue #15, three pods: ``-w 1`` (discovery in the worker), ``-w 4``
              RSS -w 4 at most 1.5 x -w 1; idle worker at most 30 MB (a goal); -w 4's sync adds
              at most 1.0 s (a goal).
 
-``--baseline REV`` measures sync and phases also for kproxy at git revision REV (a
+``--baseline REV`` measures sync, boot and phases also for kproxy at git revision REV (a
 commit, tag or branch): ``git worktree add --detach`` into a temporary directory, removed at
 the end (also on failure or Ctrl-C). Its processes run with PYTHONPATH and the working
 directory there, so gunicorn imports that kproxy: checked before measuring (the path
@@ -84,7 +89,7 @@ from bench._common import (BENCH, HOST, PATH, PYTHON, ROOT, Proc, client_ports_b
 from kproxy_tools.common import (free_ports, is_discovery_process, resource_path,  # noqa: E402
                                  session as loopback_session)
 
-PARTS = ("convergence", "sync", "phases", "workers")  # the order they run in
+PARTS = ("convergence", "sync", "boot", "phases", "workers")  # the order they run in
 SYNC_NS, EMPTY_NS, CONV_NS = "bench-sync", "bench-empty", "bench-conv"
 PODS = (("-w 1", 1, True), ("-w 4", 4, True), ("-w 4 off", 4, False))  # label, workers, shared discovery
 # the discovery issue
@@ -538,17 +543,23 @@ def bench_convergence(run: Run, resource: str, workers: int, shared: bool = True
 
 # -- workers --
 
+def all_ready(proc: Proc, port: int, workers: int) -> tuple[float, list[int]]:
+    """When every worker of a pod just spawned first answered readyz 200 (perf_counter), and the workers."""
+    wait_http(port, "/-/healthz", timeout=120, proc=proc)
+    pids = wait_workers(proc, workers)
+    with Pinned(port, pids, timeout=60) as pinned:
+        done = pinned.wait_all(None, timeout=120, path="/-/readyz", count=False, pause=0.02)
+        if done is None:
+            raise RuntimeError(f"not every worker was ready in 120 s ({pinned.last_error})")
+    return done, pids
+
+
 def measure_pod(run: Run, name: str, workers: int, shared: bool, namespace: str) -> dict[str, Any]:
     """Seconds from spawning the pod until every worker answers readyz 200; then, past the
     first malloc_trim, the memory of its processes and its API connections."""
     started = time.perf_counter()
     with run.pod(name, workers=workers, namespace=namespace, shared=shared, access_log=False) as (proc, port):
-        wait_http(port, "/-/healthz", timeout=120, proc=proc)
-        pids = wait_workers(proc, workers)
-        with Pinned(port, pids, timeout=60) as pinned:
-            done = pinned.wait_all(None, timeout=120, path="/-/readyz", count=False, pause=0.02)
-            if done is None:
-                raise RuntimeError(f"not every worker was ready in 120 s ({pinned.last_error})")
+        done, pids = all_ready(proc, port, workers)
         time.sleep(11.0)  # past the first malloc_trim (kproxy.memory, every 10 s)
         members = group(proc.pid)
         discovery = [p for p in members if is_discovery_process(p)]
@@ -576,6 +587,28 @@ def bench_workers(run: Run) -> dict[str, Any]:
         out["extra"][label] = {key: out["full"][label][key] - out["idle"][label][key]
                                for key in ("rss", "pss", "ready_all")}
     return out
+
+
+# -- boot --
+
+def bench_boot(run: Run) -> dict[str, dict[str, Any]]:
+    """Per checkout label and pod (-w 1, -w 4): seconds from spawning gunicorn until every
+    worker answers readyz 200 on the empty namespace, median of ``--repeats`` starts."""
+    run.warm_up()
+    seconds: dict[str, dict[str, list[float]]] = {c.label: {"-w 1": [], "-w 4": []} for c in run.checkouts}
+    say(f"boot: -w 1 and -w 4 on the empty namespace, {' / '.join(seconds)}, x{run.args.repeats} ...")
+    for i in range(run.args.repeats):
+        for c in run.checkouts:  # alternating
+            for workers in (1, 4):
+                started = time.perf_counter()
+                with run.pod(f"boot-{c.label}-{workers}-{i}", workers=workers, namespace=EMPTY_NS,
+                             access_log=False, checkout=c) as (proc, port):
+                    done, pids = all_ready(proc, port, workers)
+                    for pid in pids:
+                        c.check_worker(pid)
+                seconds[c.label][f"-w {workers}"].append(done - started)
+    return {label: {pod: {"median": statistics.median(runs), "runs": runs} for pod, runs in pods.items()}
+            for label, pods in seconds.items()}
 
 
 # -- the report --
@@ -634,6 +667,16 @@ def report_sync(sync: dict[str, dict[str, Any]], labels: list[str], targets: lis
         [f"initial sync -w 1: the sync adds <= {GOAL_SYNC_S:g} s (issue #15, goal)", f"{s['sync_seconds']:.2f} s",
          s["sync_seconds"] <= GOAL_SYNC_S],
     ]
+
+
+def report_boot(boot: dict[str, dict[str, Any]], labels: list[str]) -> None:
+    rows = [(f"{pod}: spawn -> every worker readyz 200", [boot[label][pod]["median"] for label in labels], ".2f", " s")
+            for pod in ("-w 1", "-w 4")]
+    rows.append(("-w 4 later than -w 1", [boot[label]["-w 4"]["median"] - boot[label]["-w 1"]["median"]
+                                          for label in labels], ".2f", " s"))
+    runs = len(boot[labels[0]]["-w 1"]["runs"])
+    say("\n" + compare(rows, labels, f"boot on an empty namespace (median of {runs} starts"
+                        + (", alternating)" if len(labels) > 1 else ")")))
 
 
 def report_phases(phases: dict[str, dict[str, Any]], labels: list[str]) -> None:
@@ -723,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", type=parse_parts, default="sync,convergence",
                         help=f"comma-separated, of {', '.join(PARTS)} (default: sync,convergence)")
-    parser.add_argument("--baseline", metavar="REV", help="also measure sync and phases at this git revision")
+    parser.add_argument("--baseline", metavar="REV", help="also measure sync, boot and phases at this git revision")
     parser.add_argument("--services", type=int, default=5000)
     parser.add_argument("--addresses", type=int, default=10)
     parser.add_argument("--threads", type=int, default=8, help="threads creating Endpoints")
@@ -760,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
                 checkouts.append(stack.enter_context(baseline_checkout(args.baseline, workdir)))
                 out["baseline"] = checkouts[1].label
                 if {"convergence", "workers"} & set(args.parts):
-                    say(f"--baseline {args.baseline}: sync and phases only; convergence and workers measure this checkout")
+                    say(f"--baseline {args.baseline}: sync, boot and phases only; convergence and workers measure "
+                        "this checkout")
             for c in checkouts:
                 say(f"{c.label}: kproxy is imported from {c.check_import()}")
             upstream = start_upstream(workdir, extra_nodes=2)
@@ -789,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
                         out["sync"] = sync["current"]
                         if args.baseline:
                             out["sync_baseline"] = sync[checkouts[1].label]
+                    elif part == "boot":
+                        out["boot"] = bench_boot(run)
                     elif part == "phases":
                         out["phases"] = bench_phases(run)
                     elif part == "workers":
@@ -808,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     if "error" not in out.get("sync", {"error": "not run"}):
         report_sync({"current": out["sync"], **({labels[1]: out["sync_baseline"]} if args.baseline else {})},
                     labels, targets)
+    if "error" not in out.get("boot", {"error": "not run"}):
+        report_boot(out["boot"], labels)
     if "error" not in out.get("phases", {"error": "not run"}):
         report_phases(out["phases"], labels)
     if "error" not in out.get("workers", {"error": "not run"}):
