@@ -745,7 +745,7 @@ def test_a_worker_that_found_a_process_starting_replaces_it_at_once_when_it_dies
     os.close(booting)  # it died before it listened
     registry._elect()
     assert len(started) == 1 and registry.spawned == 1
-    registry._elect()  # the one just started holds no lock here: the bound keeps a second out
+    registry._elect()  # the fake child holds no lock: its start is what keeps a second out
     assert len(started) == 1
 
 
