@@ -23,10 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from kproxy_tools import common
-from kproxy_tools.common import free_ports
+from kproxy_tools.common import free_ports, proc_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -57,19 +57,6 @@ class Proc(common.Proc):
     def __init__(self, name: str, cmd: list[str], log: Path, **kwargs: Any):
         kwargs.setdefault("cwd", ROOT)
         super().__init__(name, cmd, log, **kwargs)
-
-
-def proc_stats() -> Iterator[tuple[int, list[str]]]:
-    """For every process: its pid and the fields of /proc/PID/stat after the command name
-    (state, ppid, pgrp, ...; ``man 5 proc`` numbers them from 3)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:  # gone meanwhile
-                continue
-            yield int(name), fields
 
 
 def _descendants_cpu(root: int) -> float:

@@ -85,8 +85,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 
 from bench import _kube  # noqa: E402
 from bench._common import (BENCH, HOST, PATH, PYTHON, ROOT, Proc, client_ports_by_worker, http_get,  # noqa: E402
-                           node_body, percentile, proc_mb, proc_stats, rss_mb, say, start_upstream, table, wait_http)
-from kproxy_tools.common import (free_ports, is_discovery_process, resource_path,  # noqa: E402
+                           node_body, percentile, proc_mb, rss_mb, say, start_upstream, table, wait_http)
+from kproxy_tools.common import (free_ports, is_discovery_process, process_group, resource_path,  # noqa: E402
                                  session as loopback_session)
 
 PARTS = ("convergence", "sync", "boot", "phases", "workers")  # the order they run in
@@ -290,11 +290,6 @@ def create_endpoints(kube: Any, services: int, addresses: int, threads: int) -> 
 
 # -- a pod's processes --
 
-def group(pgid: int) -> list[int]:
-    """The live processes of a process group (a pod: master, workers, discovery process)."""
-    return sorted(pid for pid, fields in proc_stats() if fields[0] != "Z" and int(fields[2]) == pgid)
-
-
 def pss_mb(pid: int) -> float | None:
     return proc_mb(pid, "Pss", "smaps_rollup")
 
@@ -303,12 +298,12 @@ def api_connections(pgid: int, api_port: int) -> int:
     """Established connections from the pod's processes to the API server."""
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"( dport = :{api_port} )"],
                          capture_output=True, text=True, timeout=5).stdout
-    members = set(group(pgid))
+    members = set(process_group(pgid))
     return sum(1 for line in out.splitlines() if {int(p) for p in re.findall(r"pid=(\d+)", line)} & members)
 
 
 def workers_of(proc: Proc) -> list[int]:
-    return [p for p in group(proc.pid) if p != proc.pid and not is_discovery_process(p)]
+    return [p for p in process_group(proc.pid) if p != proc.pid and not is_discovery_process(p)]
 
 
 def wait_workers(proc: Proc, workers: int, timeout: float = 30.0) -> list[int]:
@@ -561,7 +556,7 @@ def measure_pod(run: Run, name: str, workers: int, shared: bool, namespace: str)
     with run.pod(name, workers=workers, namespace=namespace, shared=shared, access_log=False) as (proc, port):
         done, pids = all_ready(proc, port, workers)
         time.sleep(11.0)  # past the first malloc_trim (kproxy.memory, every 10 s)
-        members = group(proc.pid)
+        members = process_group(proc.pid)
         discovery = [p for p in members if is_discovery_process(p)]
         return {"ready_all": done - started,
                 "rss": sum(rss_mb(p) or 0 for p in members), "pss": sum(pss_mb(p) or 0 for p in members),

@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import requests
 
@@ -89,20 +89,28 @@ def tail(path: Path, lines: int = 25) -> str:
         return f"(no log at {path})"
 
 
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """For every process: its pid and the fields of /proc/PID/stat after the command name
+    (state, ppid, pgrp, ...; ``man 5 proc`` numbers them from 3)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                except OSError:  # gone meanwhile
+                    continue
+                yield int(name), fields
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (the workers of a gunicorn master), from /proc."""
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rpartition(")")[2].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid == pid:
-                    found.append(int(entry))
-    return sorted(found)
+    return sorted(child for child, fields in proc_stats() if int(fields[1]) == pid)
+
+
+def process_group(pgid: int) -> list[int]:
+    """The live processes of a process group (a pod: master, workers, discovery process)."""
+    return sorted(pid for pid, fields in proc_stats() if fields[0] != "Z" and int(fields[2]) == pgid)
 
 
 def is_discovery_process(pid: int) -> bool:

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import pytest
 
+from kproxy_tools.common import is_discovery_process, process_group
+
 from .conftest import ROOT, EchoApp, GatewayProcess, discovery_ini, free_port, ini_lines, session, wait_until
 from .test_discovery_kubernetes import TcpRelay
 from .test_operations import Traffic
@@ -68,17 +70,6 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def group(pgid: int) -> list[int]:
-    """Every live process of a process group (the gateway's: master, workers, discovery)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(int(entry))
-    return found
-
-
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -88,7 +79,7 @@ def cmdline(pid: int) -> str:
 
 
 def discovery_processes(pgid: int) -> list[int]:
-    return [p for p in group(pgid) if "kproxy.discovery.process" in cmdline(p)]
+    return [p for p in process_group(pgid) if is_discovery_process(p)]
 
 
 def parent(pid: int) -> int | None:
@@ -132,13 +123,13 @@ ESTABLISHED = "01"
 
 def api_connections(pgid: int, api_port: int) -> int:
     """Established connections from the process group to the API server."""
-    inodes = set().union(*(_socket_inodes(p) for p in group(pgid)))
+    inodes = set().union(*(_socket_inodes(p) for p in process_group(pgid)))
     return sum(1 for _, remote, state, inode in _tcp_table()
                if remote == api_port and state == ESTABLISHED and inode in inodes)
 
 
 def worker_pids(gw: GatewayProcess) -> list[int]:
-    return sorted(p for p in group(gw.process.pid) if p != gw.process.pid and "kproxy.discovery" not in cmdline(p))
+    return sorted(p for p in process_group(gw.process.pid) if p != gw.process.pid and not is_discovery_process(p))
 
 
 class Pinned:
@@ -213,7 +204,7 @@ def gateways(tmp_path) -> Iterator:
 
 def stop_and_check_nothing_left(gw: GatewayProcess, discovery: list[int]) -> None:
     gw.stop()
-    wait_until(lambda: not any(alive(p) for p in discovery) and not group(gw.process.pid), timeout=10)
+    wait_until(lambda: not any(alive(p) for p in discovery) and not process_group(gw.process.pid), timeout=10)
 
 
 # -- the tests --
@@ -238,7 +229,7 @@ def test_four_workers_hold_the_watches_of_one_and_every_worker_routes_each_chang
         wait_until(lambda: all(pinned.node(pid) == "a" for pid in pinned.conns), timeout=30)
         assert {status for status, _ in pinned.every("/-/readyz").values()} == {200}
         discovery = discovery_processes(gw.process.pid)
-        assert len(discovery) == 1, [cmdline(p) for p in group(gw.process.pid)]
+        assert len(discovery) == 1, [cmdline(p) for p in process_group(gw.process.pid)]
         assert parent(discovery[0]) == gw.process.pid  # the master started it, beside the workers
         wait_until(lambda: api_connections(gw.process.pid, kube.port) == one_worker, timeout=10)
         assert api_connections(gw.process.pid, kube.port) == one_worker >= 2

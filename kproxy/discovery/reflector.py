@@ -462,8 +462,9 @@ def _list_page(data: bytes) -> tuple[list[Any], dict[str, Any]]:
         body = json.loads(data)
     except ValueError:
         raise ApiStatusError(200, "bad JSON", "the list response is not JSON") from None
-    items = body.get("items") if isinstance(body, dict) else None
-    metadata = body.get("metadata") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise ApiStatusError(200, "bad list", "the response is not a Kubernetes list")
+    items, metadata = body.get("items"), body.get("metadata")
     if not isinstance(items, list) or not isinstance(metadata, dict):
         raise ApiStatusError(200, "bad list", "the response is not a Kubernetes list")
     return items, metadata
